@@ -100,6 +100,7 @@ class TrainConfig:
     dtype: str = "auto"
     compile: bool = False
     chunked_loss: bool = True
+    fused_adamw: bool = True
     seed: int = 1337
     # benchmark mode: time this many steps after a warmup, then exit
     benchmark_steps: int = 0
@@ -182,8 +183,9 @@ class Block(nn.Module):
 class KVCache:
     """Keys and values of the tokens seen so far, so each new token costs one position of work."""
 
-    def __init__(self, config: GPTConfig, batch_size: int):
-        self.shape = (batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int | None = None):
+        max_len = min(max_len or config.block_size, config.block_size)
+        self.shape = (batch_size, config.n_head, max_len, config.n_embd // config.n_head)
         self.n_layer = config.n_layer
         self.kv: torch.Tensor | None = None
         self.pos = 0
@@ -257,7 +259,7 @@ class GPT(nn.Module):
         return None, cross_entropy(x, self.lm_head.weight, targets, self.loss_chunk_size)
 
     def configure_optimizers(
-        self, weight_decay: float, learning_rate: float, device_type: str, verbose: bool = False
+        self, weight_decay: float, learning_rate: float, device_type: str, verbose: bool = False, fused: bool = True
     ) -> torch.optim.AdamW:
         """AdamW that decays only matrices (weights, embeddings), never biases or layer norms."""
         params = [p for p in self.parameters() if p.requires_grad]
@@ -267,7 +269,7 @@ class GPT(nn.Module):
             {"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
         ]
-        fused = device_type == "cuda"  # one kernel for all parameters; CPU has no fused AdamW
+        fused = fused and device_type in ("cuda", "cpu")  # one kernel per tensor: on CPU 2-3x the plain loop
         if verbose:
             print(
                 f"decayed tensors: {len(decay)} ({sum(p.numel() for p in decay):,} params), "
@@ -291,7 +293,7 @@ class GPT(nn.Module):
         Uses a KV cache while the text fits in block_size; past that every step recomputes
         the last block_size tokens, exactly as a plain loop would.
         """
-        cache = KVCache(self.config, idx.size(0))
+        cache = KVCache(self.config, idx.size(0), idx.size(1) + max_new_tokens)
         done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
             if idx.size(1) > self.config.block_size:
@@ -465,8 +467,10 @@ def cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, 
     x = x.reshape(-1, x.size(-1))
     targets = targets.reshape(-1)
     if chunk_size <= 0:
-        logits = x @ weight.t()
-        return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX)
+        logits = (x @ weight.t()).to(accumulate_dtype(x.dtype))
+        # a sum over the valid count, not reduction="mean", so an all-padding batch is 0, not nan
+        total = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+        return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
     return chunked_cross_entropy(x, weight, targets, chunk_size)
 
 
@@ -485,13 +489,19 @@ def token_nll(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chun
     shape = targets.shape
     x, targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)
     w = weight.to(compute_dtype(x))
-    out = torch.zeros(targets.shape, dtype=torch.float32, device=x.device)
+    acc = accumulate_dtype(w.dtype)
+    out = torch.zeros(targets.shape, dtype=acc, device=x.device)
     for s in range(0, x.size(0), chunk_size if chunk_size > 0 else max(x.size(0), 1)):
-        logits = (x[s : s + chunk_size].to(w.dtype) @ w.t()).float()
+        logits = (x[s : s + chunk_size].to(w.dtype) @ w.t()).to(acc)
         t = targets[s : s + logits.size(0)]
         nll = torch.logsumexp(logits, dim=-1) - logits.gather(1, t.clamp(min=0)[:, None]).squeeze(1)
         out[s : s + logits.size(0)] = nll.masked_fill(t == IGNORE_INDEX, 0.0)
     return out.view(shape)
+
+
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Softmax and sums run in float32 at least (float64 stays float64, for exact tests)."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -513,28 +523,30 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, x, weight, targets, chunk_size):
         dt = compute_dtype(x)
         w = weight.to(dt)
+        acc = accumulate_dtype(dt)
         valid = targets != IGNORE_INDEX
-        scale = valid.float() / valid.sum().clamp(min=1)  # per-row weight of the mean
+        scale = valid.to(acc) / valid.sum().clamp(min=1)  # per-row weight of the mean
         safe_targets = targets.clamp(min=0)
-        loss = torch.zeros((), dtype=torch.float32, device=x.device)
+        loss = torch.zeros((), dtype=acc, device=x.device)
         grad_x = torch.empty_like(x)
-        grad_w = torch.zeros_like(weight, dtype=torch.float32)
+        grad_w = torch.zeros_like(weight, dtype=acc)
         for s in range(0, x.size(0), chunk_size):
             xc = x[s : s + chunk_size].to(dt)
             tc = safe_targets[s : s + chunk_size, None]
             sc = scale[s : s + chunk_size]
-            logits = (xc @ w.t()).float()
+            logits = (xc @ w.t()).to(acc)
             lse = torch.logsumexp(logits, dim=-1)
             loss += ((lse - logits.gather(1, tc).squeeze(1)) * sc).sum()
             grad = logits.sub_(lse[:, None]).exp_()  # softmax, reusing the logits' memory
             grad.scatter_add_(1, tc, torch.full_like(tc, -1, dtype=grad.dtype))
-            grad.mul_(sc[:, None])
             grad = grad.to(dt)
-            grad_x[s : s + chunk_size] = (grad @ w).to(x.dtype)
-            if grad.dtype == torch.float32:
-                grad_w.addmm_(grad.t(), xc)
+            # the per-row scale goes on the thin (rows x C) side of each matmul, not on rows x V
+            grad_x[s : s + chunk_size] = ((grad @ w) * sc[:, None]).to(x.dtype)
+            xs = xc * sc[:, None].to(dt)
+            if grad.dtype == grad_w.dtype:
+                grad_w.addmm_(grad.t(), xs)
             else:
-                grad_w += (grad.t() @ xc).float()
+                grad_w += (grad.t() @ xs).to(acc)
         ctx.save_for_backward(grad_x, grad_w)
         ctx.weight_dtype = weight.dtype
         return loss
@@ -564,9 +576,12 @@ def open_shard(path: str) -> np.ndarray:
                     f"{BIN_MAGIC}, version {BIN_VERSION}); rebuild it with fineweb.py"
                 )
             n_tokens = int(header[2])
-            have = (os.path.getsize(path) - 4 * BIN_HEADER_INTS) // 2
-            if have != n_tokens:
-                raise UserError(f"{path}: truncated or padded: header says {n_tokens} tokens, file holds {have}")
+            size = os.path.getsize(path)
+            if size != 4 * BIN_HEADER_INTS + 2 * n_tokens:
+                raise UserError(
+                    f"{path}: truncated or padded: header says {n_tokens} tokens "
+                    f"({4 * BIN_HEADER_INTS + 2 * n_tokens} bytes), the file has {size} bytes"
+                )
             return np.memmap(path, dtype=np.uint16, mode="r", offset=4 * BIN_HEADER_INTS, shape=(n_tokens,))
         tokens = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError, EOFError) as e:
@@ -579,11 +594,22 @@ def open_shard(path: str) -> np.ndarray:
     return tokens
 
 
+def check_tokens(tokens: np.ndarray, path: str, vocab_size: int) -> np.ndarray:
+    top = int(tokens.max()) if len(tokens) else 0
+    if top >= vocab_size:
+        raise UserError(
+            f"{path}: token id {top} >= vocab_size {vocab_size}; the shard is corrupt or was made with another tokenizer"
+        )
+    return tokens
+
+
 def list_shards(data_dir: str, split: str) -> list[str]:
     """The .npy/.bin shards of one split, in name order (build-nanogpt and llm.c both number them)."""
     if not os.path.isdir(data_dir):
         raise UserError(f"--data-dir {data_dir}: no such directory; make shards with `python fineweb.py`")
-    names = sorted(n for n in os.listdir(data_dir) if f"_{split}_" in n and n.endswith((".npy", ".bin")))
+    # build-nanogpt: edufineweb_val_000000.npy; llm.c: fineweb_val_000000.bin or tiny_shakespeare_val.bin
+    pattern = re.compile(rf"(^|_){split}(_|\.)")
+    names = sorted(n for n in os.listdir(data_dir) if pattern.search(n) and n.endswith((".npy", ".bin")))
     if not names:
         raise UserError(f"--data-dir {data_dir}: no '{split}' shards (*_{split}_*.npy or .bin); run fineweb.py")
     return [os.path.join(data_dir, n) for n in names]
@@ -617,8 +643,9 @@ class DataLoaderLite:
         self.process_rank, self.num_processes = process_rank, num_processes
         self.vocab_size, self.shuffle, self.seed = vocab_size, shuffle, seed
         self.paths = list_shards(data_dir, split)
-        self.shards = [open_shard(p) for p in self.paths]
-        self.checked = [False] * len(self.shards)  # token ids are checked on a shard's first use
+        # every shard is checked whole now (a sequential read, no anonymous memory), so a bad one
+        # fails at start-up, on every rank alike, rather than hours in on one rank
+        self.shards = [check_tokens(open_shard(p), p, vocab_size) for p in self.paths]
         self.n_windows = [max(0, (len(s) - 1) // (B * T)) for s in self.shards]
         self.total = sum(self.n_windows)
         if self.total == 0:
@@ -637,9 +664,25 @@ class DataLoaderLite:
         self.position = 0  # global index of the window rank 0 reads next
 
     def state_dict(self) -> dict:
-        return {"position": self.position, "window_tokens": self.B * self.T}
+        return {
+            "position": self.position,
+            "window_tokens": self.B * self.T,
+            "n_tokens": sum(len(s) for s in self.shards),
+            "shuffle": self.shuffle,
+            "seed": self.seed,
+        }
 
     def load_state_dict(self, state: dict) -> None:
+        now = self.state_dict()
+        diffs = [
+            f"{k}: checkpoint {state[k]}, now {now[k]}"
+            for k in ("n_tokens", "shuffle", "seed")[: 3 if self.shuffle else 2]
+            if state[k] != now[k]
+        ]
+        if diffs:
+            raise UserError(
+                f"the training data differs from the checkpoint's ({'; '.join(diffs)}); resume on the same shards"
+            )
         # a different B keeps the token position; the window grid itself moves with B
         self.position = state["position"] * state["window_tokens"] // (self.B * self.T)
 
@@ -659,8 +702,6 @@ class DataLoaderLite:
         window = i - (int(ends[k - 1]) if k else 0)
         if self.shuffle:
             window = int(self.window_perm(epoch, shard)[window])
-        if not self.checked[shard]:
-            self.check_tokens(shard)
         return shard, window
 
     def epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
@@ -678,15 +719,6 @@ class DataLoaderLite:
             perm = np.random.default_rng([self.seed, epoch, shard + 1]).permutation(self.n_windows[shard])
             self._window_perm = (epoch, shard, perm)
         return self._window_perm[2]
-
-    def check_tokens(self, shard: int) -> None:
-        top = int(self.shards[shard].max()) if len(self.shards[shard]) else 0
-        if top >= self.vocab_size:
-            raise UserError(
-                f"{self.paths[shard]}: token id {top} >= vocab_size {self.vocab_size}; "
-                "the shard is corrupt or was made with another tokenizer"
-            )
-        self.checked[shard] = True
 
 
 # -----------------------------------------------------------------------------
@@ -967,7 +999,7 @@ def rewind_log(log_file: str, step: int, keep_evals: bool) -> None:
         if len(parts) != 3 or not parts[0].isdigit():
             return True
         s = int(parts[0])
-        return s < step or (s == step and keep_evals and parts[1] != "train")
+        return s < step or (s == step and keep_evals and parts[1] in ("val", "hella"))
 
     with open(log_file + ".tmp", "w") as f:
         f.writelines(line for line in lines if keep(line))
@@ -1067,14 +1099,19 @@ class StopFlag:
 
     def __init__(self, verbose: bool):
         self.signum: int | None = None
+        self.first = 0.0
         self.verbose = verbose
         for s in (signal.SIGTERM, signal.SIGINT):
             signal.signal(s, self.handle)
 
     def handle(self, signum: int, frame) -> None:
         if self.signum is not None:
-            raise KeyboardInterrupt
-        self.signum = signum
+            # Ctrl-C under torchrun arrives twice at once (the terminal's SIGINT, then torchrun's
+            # SIGTERM): only a later, deliberate second signal aborts
+            if time.time() - self.first > 2.0:
+                raise KeyboardInterrupt
+            return
+        self.signum, self.first = signum, time.time()
         if self.verbose:
             print(
                 f"\n{signal.Signals(signum).name}: finishing this step, then checkpoint and exit (again to abort)",
@@ -1105,8 +1142,13 @@ def check_batch(cfg: TrainConfig, world_size: int, block_size: int) -> int:
 def train(cfg: TrainConfig) -> None:
     """Everything from flags to the final checkpoint, on one process or as one torchrun rank."""
     config = model_config(cfg)  # flag errors before any process group or data work
+    if cfg.seed < 0:
+        raise UserError(f"--seed {cfg.seed} must be >= 0")
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     check_batch(cfg, world_size, config.block_size)
+    if cfg.benchmark_steps == 0:  # a missing data dir or split is known before any model is built
+        list_shards(cfg.data_dir, "train")
+        list_shards(cfg.data_dir, "val")
     d, device = setup_distributed(cfg.device)
     try:
         run(cfg, d, device)
@@ -1153,7 +1195,9 @@ def run(cfg: TrainConfig, d: Dist, device: str) -> None:
         model = torch.compile(model)
     if d.ddp:
         model = DDP(model, device_ids=[d.local_rank] if device_type == "cuda" else None)
-    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.max_lr, device_type, verbose=d.master)
+    optimizer = raw_model.configure_optimizers(
+        cfg.weight_decay, cfg.max_lr, device_type, verbose=d.master, fused=cfg.fused_adamw
+    )
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
     autocast = torch.autocast(device_type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     if d.master:
@@ -1418,6 +1462,12 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         action=argparse.BooleanOptionalAction,
         default=d.chunked_loss,
         help="never build the full B*T*V logits",
+    )
+    a(
+        "--fused-adamw",
+        action=argparse.BooleanOptionalAction,
+        default=d.fused_adamw,
+        help="fused AdamW kernels (CUDA, CPU)",
     )
     a("--seed", type=int, default=d.seed)
     a = p.add_argument_group("benchmark mode").add_argument

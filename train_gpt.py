@@ -338,6 +338,15 @@ class GPT(nn.Module):
                 f"--init-from/--model {src!r} is not a GPT-2 name ({', '.join(MODEL_SHAPES)}), "
                 "an HF GPT-2 folder or a .pt checkpoint"
             )
+        unsupported = {
+            "tie_word_embeddings": (hf_config.get("tie_word_embeddings", True), True),
+            "activation_function": (hf_config.get("activation_function", "gelu_new"), "gelu_new"),
+            "layer_norm_epsilon": (hf_config.get("layer_norm_epsilon", 1e-5), 1e-5),
+            "n_inner": (hf_config.get("n_inner"), None),
+        }
+        for key, (value, ours) in unsupported.items():
+            if value != ours:
+                raise UserError(f"{src}: {key}={value!r} is not GPT-2's ({ours!r}); this model cannot load it")
         config = GPTConfig(
             block_size=hf_config["n_positions"],
             vocab_size=hf_config["vocab_size"],
@@ -1174,7 +1183,9 @@ def run(cfg: TrainConfig, d: Dist, device: str) -> None:
     checkpoint, ckpt_path = None, None
     if cfg.resume:
         ckpt_path, checkpoint = latest_checkpoint(cfg.log_dir)
-        check_resumable(checkpoint, model_config(cfg), cfg, ckpt_path)
+        # a fine-tuning run's shape comes from --init-from, not from the shape flags
+        expected = GPTConfig(**checkpoint["config"]) if cfg.init_from else model_config(cfg)
+        check_resumable(checkpoint, expected, cfg, ckpt_path)
         model = model_from_checkpoint(checkpoint)
     elif cfg.init_from:
         model = GPT.from_pretrained(cfg.init_from)

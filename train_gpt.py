@@ -684,9 +684,9 @@ class DataLoaderLite:
     def load_state_dict(self, state: dict) -> None:
         now = self.state_dict()
         diffs = [
-            f"{k}: checkpoint {state[k]}, now {now[k]}"
+            f"{k}: checkpoint {state.get(k)}, now {now[k]}"
             for k in ("n_tokens", "shuffle", "seed")[: 3 if self.shuffle else 2]
-            if state[k] != now[k]
+            if state.get(k) != now[k]
         ]
         if diffs:
             raise UserError(
@@ -990,9 +990,11 @@ def check_resumable(checkpoint: dict, config: GPTConfig, cfg: TrainConfig, path:
         raise UserError(f"cannot resume from {path}: {'; '.join(diffs)}; use the original flags or another --log-dir")
 
 
-def remove_old_checkpoints(log_dir: str, keep_last: int) -> None:
+def remove_old_checkpoints(log_dir: str, keep_last: int, step: int) -> None:
+    """Keep the keep_last newest checkpoints up to `step`, the one just written; a later one can only
+    be a leftover that resume skipped as unreadable, and must not count as newest."""
     if keep_last > 0:
-        for _, path in list_checkpoints(log_dir)[:-keep_last]:
+        for _, path in [c for c in list_checkpoints(log_dir) if c[0] <= step][:-keep_last]:
             os.remove(path)
 
 
@@ -1002,6 +1004,8 @@ def rewind_log(log_file: str, step: int, keep_evals: bool) -> None:
         return
     with open(log_file) as f:
         lines = f.readlines()
+    if lines and not lines[-1].endswith("\n"):
+        lines.pop()  # cut off mid-write by the crash
 
     def keep(line: str) -> bool:
         parts = line.split()
@@ -1158,6 +1162,11 @@ def train(cfg: TrainConfig) -> None:
     if cfg.benchmark_steps == 0:  # a missing data dir or split is known before any model is built
         list_shards(cfg.data_dir, "train")
         list_shards(cfg.data_dir, "val")
+        if not cfg.resume and list_checkpoints(cfg.log_dir):
+            raise UserError(
+                f"--log-dir {cfg.log_dir} already holds checkpoints ({os.path.basename(list_checkpoints(cfg.log_dir)[-1][1])}); "
+                "pass --resume to continue that run, or choose another --log-dir"
+            )
     d, device = setup_distributed(cfg.device)
     try:
         run(cfg, d, device)
@@ -1191,11 +1200,6 @@ def run(cfg: TrainConfig, d: Dist, device: str) -> None:
         model = GPT.from_pretrained(cfg.init_from)
     else:
         model = GPT(model_config(cfg))
-    if not cfg.resume and not bench and d.master and list_checkpoints(cfg.log_dir):
-        raise UserError(
-            f"--log-dir {cfg.log_dir} already holds checkpoints ({os.path.basename(list_checkpoints(cfg.log_dir)[-1][1])}); "
-            "pass --resume to continue that run, or choose another --log-dir"
-        )
     config = model.config
     is_124m = all(getattr(config, k) == v for k, v in MODEL_SHAPES["gpt2"].items())
     grad_accum = check_batch(cfg, d.world_size, config.block_size)
@@ -1280,7 +1284,7 @@ def run(cfg: TrainConfig, d: Dist, device: str) -> None:
                 "periodic_done": periodic_done,  # whether eval/save of this step already happened
             },
         )
-        remove_old_checkpoints(cfg.log_dir, cfg.keep_last)
+        remove_old_checkpoints(cfg.log_dir, cfg.keep_last, step)
         return path
 
     stop = StopFlag(verbose=d.master)

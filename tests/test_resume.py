@@ -1,0 +1,569 @@
+"""Multi-process training and interrupted runs: torchrun, kill -9, SIGTERM/SIGINT, torn checkpoints, --resume.
+
+Every run uses the tiny model on random-token shards, float32 on CPU, so a resumed run must reproduce the
+uninterrupted reference bit for bit (compared as the printed 6-decimal strings), and a 2-process run must
+match one process with twice the gradient accumulation to float rounding. Processes start in their own
+session so that a watchdog, and the cleanup after every test, can kill a whole torchrun tree.
+"""
+
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, TINY, run_script, train_losses, write_shards
+
+import train_gpt
+
+TIMEOUT = 180  # per process; generous because the machine is shared, a hang still fails instead of blocking
+
+# B*T*grad_accum = 4*32*2 = 256 tokens a step on one process; 12 steps use 24 of the 78 train windows, no
+# epoch wrap. Warmup 4 keeps steps 0..3 on the warmup ramp, which does not depend on --max-steps, so shorter
+# runs agree with the 12-step reference on those steps; after it the cosine schedule depends on the step,
+# which a resume that got the step wrong would show.
+COMMON = [
+    *TINY,
+    "--device", "cpu", "--dtype", "float32",
+    "--batch-size", "4", "--seq-len", "32", "--total-batch-size", "256",
+    "--max-lr", "6e-3", "--min-lr", "6e-4", "--warmup-steps", "4", "--max-steps", "12",
+    "--eval-every", "4", "--eval-steps", "2", "--save-every", "4",
+]  # fmt: skip
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+STEP_RE = re.compile(r"^step\s+(\d+) \| loss: (\S+) \| lr (\S+) \|", re.M)
+RESUMED_RE = re.compile(r"^resuming from (\S+) at step (\d+)$", re.M)
+STOPPED_RE = re.compile(r"^stopped at step (\d+): checkpoint written to (\S+); continue with --resume$", re.M)
+
+
+def cli(data: Path, log: Path, *extra: str) -> list[str]:
+    """train_gpt.py arguments; later flags override the COMMON ones (argparse keeps the last)."""
+    return ["train_gpt.py", *COMMON, "--data-dir", str(data), "--log-dir", str(log), *extra]
+
+
+def loss_strings(stdout: str) -> dict[int, str]:
+    """step -> the loss exactly as printed, for bit-for-bit comparisons."""
+    return {int(m.group(1)): m.group(2) for m in STEP_RE.finditer(stdout)}
+
+
+def read_log(log: Path) -> list[str]:
+    return (log / "log.txt").read_text().splitlines()
+
+
+def listing(log: Path) -> set[str]:
+    """The checkpoints and temp files in a log dir (and log.txt), not the plots."""
+    return {p.name for p in log.iterdir() if p.name.startswith("model_") or p.name == "log.txt"}
+
+
+def same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Launch:
+    """A process in its own session, stdout read line by line, killed (with its whole tree) on exit or timeout."""
+
+    def __init__(self, args: list[str], timeout: float = TIMEOUT):
+        self.err = tempfile.TemporaryFile("w+")  # a file, not a pipe: an unread stderr can never block the child
+        self.p = subprocess.Popen(
+            args, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=self.err, text=True, start_new_session=True
+        )
+        self.lines: list[str] = []
+        self.timed_out = False
+        self.watchdog = threading.Timer(timeout, self._expire)
+        self.watchdog.daemon = True
+        self.watchdog.start()
+
+    def _expire(self) -> None:
+        self.timed_out = True
+        self.kill()
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        try:
+            os.killpg(self.p.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def wait_line(self, pattern: str) -> re.Match:
+        """Read stdout up to the first line matching pattern."""
+        while line := self.p.stdout.readline():
+            self.lines.append(line)
+            if m := re.search(pattern, line):
+                return m
+        raise AssertionError(f"output ended (timed out: {self.timed_out}) before {pattern!r}:\n{self.report()}")
+
+    def finish(self) -> int:
+        """Read the rest of stdout and reap the process; the watchdog bounds both."""
+        self.lines.append(self.p.stdout.read())
+        return self.p.wait()
+
+    @property
+    def stdout(self) -> str:
+        return "".join(self.lines)
+
+    @property
+    def stderr(self) -> str:
+        self.err.seek(0)
+        return self.err.read()
+
+    def report(self) -> str:
+        return f"--- stdout\n{self.stdout}\n--- stderr\n{self.stderr}"
+
+    def __enter__(self) -> "Launch":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.watchdog.cancel()
+        self.kill()  # leftovers: torchrun workers, or a run a failed assertion left behind
+        self.p.wait()
+        self.p.stdout.close()
+        self.err.close()
+
+
+def python(*args: str, timeout: float = TIMEOUT) -> Launch:
+    return Launch([sys.executable, *args], timeout)
+
+
+def run_ok(*args: str) -> subprocess.CompletedProcess:
+    r = run_script(*args, timeout=TIMEOUT)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r
+
+
+@dataclass
+class Reference:
+    data: Path
+    log: Path
+    stdout: str
+    losses: dict[int, str]
+    log_lines: list[str]
+
+
+@pytest.fixture(scope="module")
+def ref(tmp_path_factory) -> Reference:
+    """The uninterrupted 12-step run every other run is compared against (checkpoints at 4, 8, 12)."""
+    data = tmp_path_factory.mktemp("data")
+    write_shards(data)
+    log = tmp_path_factory.mktemp("ref")
+    r = run_ok(*cli(data, log))
+    losses = loss_strings(r.stdout)
+    assert sorted(losses) == list(range(12))
+    assert len(set(losses.values())) > 6, "the losses barely move; the comparisons would prove little"
+    assert sorted(n for n in listing(log) if n.startswith("model_")) == [f"model_{s:05d}.pt" for s in (4, 8, 12)]
+    return Reference(data, log, r.stdout, losses, read_log(log))
+
+
+def copy_run(ref: Reference, dest: Path) -> Path:
+    shutil.copytree(ref.log, dest)
+    return dest
+
+
+def step_loss(ckpt: dict, data: Path) -> float:
+    """The loss the training loop reports for the step after ckpt: its two micro-batches, accumulated as there."""
+    model = train_gpt.model_from_checkpoint(ckpt)
+    loader = train_gpt.DataLoaderLite(4, 32, 0, 1, "train", data_dir=str(data))
+    loader.load_state_dict(ckpt["train_loader"])
+    total = torch.zeros(())
+    with torch.no_grad():
+        for _ in range(2):
+            x, y = loader.next_batch()
+            total += model(x, y)[1] / 2
+    return total.item()
+
+
+# -----------------------------------------------------------------------------
+# what a checkpoint holds
+
+
+def test_checkpoint_holds_everything_to_resume(ref):
+    ckpt = torch.load(ref.log / "model_00004.pt", map_location="cpu", weights_only=True)
+    assert set(ckpt) == {
+        "model", "optimizer", "step", "train_loader", "rng", "config", "args", "val_loss", "scaler", "periodic_done",
+    }  # fmt: skip
+    assert ckpt["step"] == 4 and ckpt["periodic_done"] is True
+    assert ckpt["config"] == {"block_size": 1024, "vocab_size": 50304, "n_layer": 2, "n_head": 2, "n_embd": 32}
+    expected_args = vars(train_gpt.parse_args(cli(ref.data, ref.log)[1:]))
+    assert ckpt["args"] == expected_args
+    # rank 0's next global window: 4 steps x 2 micro-batches
+    assert (ckpt["train_loader"]["position"], ckpt["train_loader"]["window_tokens"]) == (8, 128)
+    assert f"4 val {ckpt['val_loss']:.4f}" in ref.log_lines
+    assert isinstance(ckpt["rng"]["torch"], torch.Tensor) and ckpt["rng"]["cuda"] == []
+    # a clean state dict (no DDP "module." or compile "_orig_mod." prefixes) and a full AdamW state
+    assert ckpt["model"].keys() == train_gpt.GPT(train_gpt.GPTConfig(**ckpt["config"])).state_dict().keys()
+    assert len(ckpt["optimizer"]["state"]) == 28 and all(s["step"] == 4 for s in ckpt["optimizer"]["state"].values())
+    # the weights are those after 4 updates: they give the loss the run printed for step 4
+    assert step_loss(ckpt, ref.data) == pytest.approx(float(ref.losses[4]), abs=2e-6)
+
+
+# -----------------------------------------------------------------------------
+# torchrun: two processes make the same steps as one with twice the accumulation
+
+
+def check_two_ranks(stdout: str, log: Path, ref: Reference, steps: range) -> None:
+    """A 2-rank run's steps (and the val losses and checkpoint at their end) against the 1-process reference."""
+    assert "world 2 | total batch 256 = 4 x 32 x 2 x 1 accumulation steps" in stdout
+    assert "world 1 | total batch 256 = 4 x 32 x 1 x 2 accumulation steps" in ref.stdout
+    losses = train_losses(stdout)
+    assert sorted(losses) == list(steps)
+    loss_diff = max(abs(losses[s] - float(ref.losses[s])) for s in steps)
+    assert loss_diff < 1e-5, (losses, ref.losses)
+    # the same log lines; --eval-steps counts per rank, so 1 on 2 ranks reads the reference's 2 windows
+    lines, ref_lines = (
+        [(int(s), kind, float(v)) for s, kind, v in (line.split() for line in log_lines)]
+        for log_lines in (read_log(log), ref.log_lines)
+    )
+    ref_lines = [x for x in ref_lines if x[0] < steps.stop or (x[0] == steps.stop and x[1] == "val")]
+    assert [x[:2] for x in lines] == [x[:2] for x in ref_lines]
+    # val is printed to 4 decimals, train to 6
+    assert all(abs(x[2] - y[2]) <= (1.01e-4 if x[1] == "val" else 1e-5) for x, y in zip(lines, ref_lines))
+    # rank 0 alone wrote the checkpoint; its data position counts global windows, as one process's does
+    ckpt = train_gpt.load_checkpoint(str(log / f"model_{steps.stop:05d}.pt"))
+    ref_ckpt = train_gpt.load_checkpoint(str(ref.log / f"model_{steps.stop:05d}.pt"))
+    assert ckpt["train_loader"]["position"] == ref_ckpt["train_loader"]["position"] == 2 * steps.stop
+    weight_diff = max((ckpt["model"][k] - ref_ckpt["model"][k]).abs().max().item() for k in ckpt["model"])
+    assert weight_diff < 1e-5
+    print(f"2 ranks vs 1 process, steps {steps.start}..{steps.stop - 1}: max |loss diff| {loss_diff:.3g}, "
+          f"max |weight diff| at step {steps.stop} {weight_diff:.3g}")  # fmt: skip
+
+
+def test_torchrun_two_processes_match_one(ref, tmp_path):
+    log = tmp_path / "log"
+    args = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    with python(*args, *cli(ref.data, log, "--max-steps", "4", "--eval-steps", "1")) as run:
+        assert run.finish() == 0, run.report()
+    check_two_ranks(run.stdout, log, ref, range(0, 4))
+    assert sorted(n for n in listing(log) if n.startswith("model_")) == ["model_00004.pt"]
+
+
+def test_torchrun_resumes_a_one_process_checkpoint(ref, tmp_path):
+    """Half of the GPUs gone or doubled: a 1-process checkpoint continues on 2 ranks with the same global batch."""
+    log = copy_run(ref, tmp_path / "log")
+    (log / "model_00012.pt").unlink()
+    args = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    with python(*args, *cli(ref.data, log, "--resume", "--eval-steps", "1")) as run:
+        assert run.finish() == 0, run.report()
+    assert RESUMED_RE.findall(run.stdout) == [(str(log / "model_00008.pt"), "8")]  # printed once, by rank 0
+    check_two_ranks(run.stdout, log, ref, range(8, 12))
+
+
+def test_two_nodes_on_localhost_match_one(ref, tmp_path):
+    log = tmp_path / "log"
+    port = free_port()
+    flags = cli(ref.data, log, "--max-steps", "4", "--eval-steps", "1")
+    launchers = []
+    try:
+        for node in (0, 1):
+            rdzv = ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "test_resume"]
+            args = ["-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(node)]
+            launchers.append(python(*args, *rdzv, *flags))
+        codes = [launcher.finish() for launcher in launchers]
+        assert codes == [0, 0], "\n".join(launcher.report() for launcher in launchers)
+        # c10d rendezvous ignores --node-rank and numbers nodes as they join: global rank 0 is on either
+        with_steps = [launcher.stdout for launcher in launchers if "step " in launcher.stdout]
+        assert len(with_steps) == 1, "\n".join(launcher.report() for launcher in launchers)
+        check_two_ranks(with_steps[0], log, ref, range(0, 4))
+    finally:
+        for launcher in launchers:
+            launcher.__exit__()
+
+
+# -----------------------------------------------------------------------------
+# interrupted runs resume exactly
+
+
+def test_kill9_then_resume_reproduces_the_uninterrupted_run(ref, tmp_path):
+    log = tmp_path / "log"
+    with python(*cli(ref.data, log)) as run:
+        run.wait_line(r"^step\s+6 \|")
+        run.kill()
+        assert run.finish() == -signal.SIGKILL
+    killed = loss_strings(run.stdout)
+    assert {s: killed[s] for s in range(7)} == {s: ref.losses[s] for s in range(7)}
+    assert "model_00004.pt" in listing(log) and "model_00012.pt" not in listing(log), "the run was not cut short"
+
+    r = run_ok(*cli(ref.data, log, "--resume"))
+    path, start = RESUMED_RE.search(r.stdout).groups()
+    start = int(start)
+    # step 8's checkpoint exists only if the kill came late; either way the newest one is used
+    assert start in (4, 8) and path == str(log / f"model_{start:05d}.pt")
+    resumed = loss_strings(r.stdout)
+    assert sorted(resumed) == list(range(start, 12))
+    assert resumed == {s: ref.losses[s] for s in range(start, 12)}
+    assert read_log(log) == ref.log_lines  # the killed run's lines after the checkpoint are gone, none doubled
+    print(f"resumed at step {start}; max |loss difference| vs uninterrupted: 0 (strings equal)")
+
+
+def test_sigterm_and_sigint_checkpoint_exit_0_and_resume_exactly(ref, tmp_path):
+    log = tmp_path / "log"
+    losses: dict[int, str] = {}
+    start = 0
+    for sig, after in ((signal.SIGTERM, 2), (signal.SIGINT, None)):
+        extra = ["--resume"] if start else []
+        with python(*cli(ref.data, log, *extra)) as run:
+            if start:
+                assert run.wait_line(RESUMED_RE.pattern).groups() == (str(log / f"model_{start:05d}.pt"), str(start))
+            # the signal goes in after a step line, a step or more into this run
+            run.wait_line(rf"^step\s+{after if after is not None else start + 1} \|")
+            run.p.send_signal(sig)
+            assert run.finish() == 0, run.report()
+        out = run.stdout
+        name = signal.Signals(sig).name
+        assert f"{name}: finishing this step, then checkpoint and exit (again to abort)" in out
+        m = STOPPED_RE.search(out)
+        assert m, run.report()
+        stop, path = int(m.group(1)), m.group(2)
+        assert path == str(log / f"model_{stop:05d}.pt")
+        assert start < stop < 12, "the run ended before the signal arrived"
+        got = loss_strings(out)
+        assert sorted(got) == list(range(start, stop)), "stops after finishing the step it was in"
+        ckpt = train_gpt.load_checkpoint(path)
+        assert ckpt["step"] == stop and ckpt["periodic_done"] is False
+        assert ckpt["train_loader"]["position"] == 2 * stop
+        losses.update(got)
+        start = stop
+
+    r = run_ok(*cli(ref.data, log, "--resume"))
+    assert RESUMED_RE.search(r.stdout).groups() == (str(log / f"model_{start:05d}.pt"), str(start))
+    losses.update(loss_strings(r.stdout))
+    assert losses == ref.losses
+    assert read_log(log) == ref.log_lines
+
+
+# -----------------------------------------------------------------------------
+# torn and corrupt checkpoints
+
+
+def test_partial_tmp_and_corrupt_checkpoints_are_skipped(ref, tmp_path, capsys):
+    log = copy_run(ref, tmp_path / "log")
+    # a write killed midway leaves a partial temp file, never a partial model_*.pt ...
+    whole = (log / "model_00012.pt").read_bytes()
+    (log / "model_00012.pt").unlink()
+    (log / "model_00012.pt.tmp").write_bytes(whole[: len(whole) // 2])
+    # ... but a disk or a copy can still damage a finished one
+    with open(log / "model_00008.pt", "r+b") as f:
+        f.truncate(len(whole) // 3)
+
+    path, ckpt = train_gpt.latest_checkpoint(str(log))
+    assert path == str(log / "model_00004.pt") and ckpt["step"] == 4
+    warning = capsys.readouterr().err
+    assert warning.startswith(f"warning: skipping {log / 'model_00008.pt'}: not a readable checkpoint (")
+    assert warning.count("\n") == 1
+
+    r = run_ok(*cli(ref.data, log, "--resume"))
+    assert r.stderr.startswith(f"warning: skipping {log / 'model_00008.pt'}: not a readable checkpoint (")
+    assert RESUMED_RE.search(r.stdout).groups() == (str(log / "model_00004.pt"), "4")
+    assert loss_strings(r.stdout) == {s: ref.losses[s] for s in range(4, 12)}
+    assert read_log(log) == ref.log_lines
+    # the run rewrote both damaged checkpoints, identical to the reference's, and left no temp file
+    assert listing(log) == {"log.txt", "model_00004.pt", "model_00008.pt", "model_00012.pt"}
+    for step in (8, 12):
+        new = train_gpt.load_checkpoint(str(log / f"model_{step:05d}.pt"))
+        old = train_gpt.load_checkpoint(str(ref.log / f"model_{step:05d}.pt"))
+        assert same_tensors(new["model"], old["model"])
+        assert new["train_loader"] == old["train_loader"] and new["step"] == step
+
+
+def test_keep_last_never_deletes_the_checkpoint_just_written(ref, tmp_path):
+    log = tmp_path / "log"
+    log.mkdir()
+    shutil.copy(ref.log / "model_00008.pt", log)
+    (log / "model_00012.pt").write_bytes((ref.log / "model_00012.pt").read_bytes()[:4096])  # damaged
+    r = run_ok(*cli(ref.data, log, "--resume", "--keep-last", "1", "--max-steps", "10", "--eval-every", "0"))
+    assert RESUMED_RE.search(r.stdout).groups() == (str(log / "model_00008.pt"), "8")
+    # a crash now must be able to continue from step 10, not find nothing but the damaged file
+    path, ckpt = train_gpt.latest_checkpoint(str(log))
+    assert path == str(log / "model_00010.pt") and ckpt["step"] == 10
+
+
+def test_kill9_during_checkpoint_writes_always_leaves_a_resumable_run(ref, tmp_path, capsys):
+    """Saves every step; kill -9 as soon as a temp checkpoint appears (+ a random delay), resume, repeat."""
+    log = tmp_path / "log"
+    log.mkdir()  # polled before the run creates it
+    flags = cli(ref.data, log, "--save-every", "1", "--keep-last", "2", "--eval-every", "0")
+    delays = random.Random(0)
+    losses: dict[int, str] = {}
+    start, torn = 0, 0
+    for i in range(3):
+        with python(*flags, *(["--resume"] if i else [])) as run:
+            target = start + 2  # one step trained after the resume, then a kill while step start+2 (or later) saves
+            while run.p.poll() is None and not any(
+                (m := re.fullmatch(r"model_(\d{5})\.pt\.tmp", n)) and int(m.group(1)) >= target for n in os.listdir(log)
+            ):
+                time.sleep(0.002)
+            time.sleep(0 if i == 0 else delays.uniform(0, 0.1))
+            run.kill()
+            assert run.finish() == -signal.SIGKILL, run.report()
+        got = loss_strings(run.stdout)
+        assert got == {s: ref.losses[s] for s in got}
+        losses.update(got)
+        torn += any(n.endswith(".tmp") for n in os.listdir(log))
+        # every finished-named file is whole: the rename is the commit point
+        for n in sorted(os.listdir(log)):
+            if n.endswith(".pt"):
+                train_gpt.load_checkpoint(str(log / n))
+        path, ckpt = train_gpt.latest_checkpoint(str(log))
+        assert capsys.readouterr().err == ""
+        assert ckpt["step"] >= target - 1
+        start = ckpt["step"]
+
+    r = run_ok(*flags, "--resume")
+    assert RESUMED_RE.search(r.stdout).groups() == (str(log / f"model_{start:05d}.pt"), str(start))
+    losses.update(loss_strings(r.stdout))
+    assert losses == ref.losses
+    assert read_log(log) == [line for line in ref.log_lines if " train " in line]
+    # --keep-last 2: the two newest, no temp file left behind
+    assert listing(log) == {"log.txt", "model_00011.pt", "model_00012.pt"}
+    print(f"{torn} of 3 kills left a torn temp checkpoint")
+
+
+# -----------------------------------------------------------------------------
+# refusals and flag changes on resume
+
+
+def test_resume_without_checkpoint_is_a_one_line_error(ref, tmp_path):
+    log = tmp_path / "log"
+    log.mkdir()
+    (log / "model_00004.pt.tmp").write_bytes(b"torn")  # an unfinished write is not a checkpoint
+    r = run_script(*cli(ref.data, log, "--resume"), timeout=TIMEOUT)
+    assert r.returncode == 1
+    assert r.stderr == f"error: --resume: no checkpoint (model_*.pt) in --log-dir {log}; start without --resume\n"
+    assert "step" not in r.stdout
+
+
+def run_in_process(argv: list[str], capsys) -> str:
+    """main() in this process, for errors raised before any training; returns stderr."""
+    with pytest.raises(SystemExit) as e:
+        train_gpt.main(argv)
+    assert e.value.code == 1
+    return capsys.readouterr().err
+
+
+def test_fresh_run_into_a_log_dir_with_checkpoints_is_refused(ref, tmp_path, capsys):
+    log = tmp_path / "log"
+    log.mkdir()
+    shutil.copy(ref.log / "model_00012.pt", log)
+    shutil.copy(ref.log / "log.txt", log)
+    err = run_in_process(cli(ref.data, log)[1:], capsys)
+    assert err == (
+        f"error: --log-dir {log} already holds checkpoints (model_00012.pt); "
+        "pass --resume to continue that run, or choose another --log-dir\n"
+    )
+    assert read_log(log) == ref.log_lines  # nothing was truncated
+
+
+@pytest.mark.parametrize(
+    "flags, diffs",
+    [
+        (["--n-layer", "3"], "n_layer: checkpoint 2, now 3"),
+        (["--seq-len", "64"], "seq_len: checkpoint 32, now 64"),
+        (["--total-batch-size", "512"], "total_batch_size: checkpoint 256, now 512"),
+        (
+            ["--n-head", "4", "--seq-len", "16", "--total-batch-size", "128"],
+            "n_head: checkpoint 2, now 4; seq_len: checkpoint 32, now 16; total_batch_size: checkpoint 256, now 128",
+        ),
+    ],
+)
+def test_resume_with_a_changed_shape_or_batch_names_the_mismatch(ref, tmp_path, capsys, flags, diffs):
+    log = tmp_path / "log"
+    log.mkdir()
+    shutil.copy(ref.log / "model_00012.pt", log)
+    err = run_in_process(cli(ref.data, log, "--resume", *flags)[1:], capsys)
+    path = log / "model_00012.pt"
+    assert err == f"error: cannot resume from {path}: {diffs}; use the original flags or another --log-dir\n"
+
+
+def test_resume_with_more_steps_trains_further_and_keeps_last_2(ref, tmp_path):
+    log = copy_run(ref, tmp_path / "log")
+    r = run_ok(*cli(ref.data, log, "--resume", "--max-steps", "14", "--keep-last", "2"))
+    assert RESUMED_RE.search(r.stdout).groups() == (str(log / "model_00012.pt"), "12")
+    steps = {int(m.group(1)): (m.group(2), m.group(3)) for m in STEP_RE.finditer(r.stdout)}
+    assert sorted(steps) == [12, 13]
+    # step 12 starts from the reference's final weights, on the next data, with the lr of the longer schedule
+    ckpt12 = train_gpt.load_checkpoint(str(ref.log / "model_00012.pt"))
+    assert float(steps[12][0]) == pytest.approx(step_loss(ckpt12, ref.data), abs=2e-6)
+    for s in (12, 13):
+        assert steps[s][1] == f"{train_gpt.get_lr(s, 6e-3, 6e-4, 4, 14):.4e}"
+    new_lines = read_log(log)[len(ref.log_lines) :]
+    assert read_log(log)[: len(ref.log_lines)] == ref.log_lines
+    assert [line.split()[:2] for line in new_lines] == [["12", "train"], ["13", "train"], ["14", "val"]]
+    assert listing(log) == {"log.txt", "model_00012.pt", "model_00014.pt"}
+    ckpt14 = train_gpt.load_checkpoint(str(log / "model_00014.pt"))
+    assert ckpt14["step"] == 14 and ckpt14["args"]["max_steps"] == 14 and ckpt14["train_loader"]["position"] == 28
+
+
+# -----------------------------------------------------------------------------
+# the non-finite guard
+
+
+def test_a_nan_step_is_skipped_and_training_goes_on(ref, tmp_path):
+    log = tmp_path / "log"
+    r = run_ok(
+        *cli(ref.data, log, "--inject-nan-steps", "3", "--max-steps", "5", "--save-every", "1", "--eval-every", "0")
+    )
+    lines = {int(m.group(1)): m.group(0) for m in re.finditer(r"^step\s+(\d+) \|.*$", r.stdout, re.M)}
+    assert sorted(lines) == [0, 1, 2, 3, 4]
+    assert lines[3].endswith(" | skipped: non-finite loss or grad norm (1 in a row)") and "loss: nan" in lines[3]
+    assert not any("skipped" in lines[s] for s in (0, 1, 2, 4))
+    losses = loss_strings(r.stdout)
+    assert {s: losses[s] for s in (0, 1, 2)} == {s: ref.losses[s] for s in (0, 1, 2)}
+    assert read_log(log) == [
+        f"0 train {losses[0]}", f"1 train {losses[1]}", f"2 train {losses[2]}",
+        "3 train nan", "3 skip 1", f"4 train {losses[4]}",
+    ]  # fmt: skip
+    # the skipped step changed neither the weights nor the optimizer; the next one did
+    c3, c4, c5 = (train_gpt.load_checkpoint(str(log / f"model_{s:05d}.pt")) for s in (3, 4, 5))
+    assert same_tensors(c3["model"], c4["model"])
+    assert all(s["step"] == 3 for s in c4["optimizer"]["state"].values())
+    assert not same_tensors(c4["model"], c5["model"])
+    # step 4 trained from the weights step 3 left alone: its loss, recomputed from them
+    assert float(losses[4]) == pytest.approx(step_loss(c4, ref.data), abs=2e-6)
+    assert all(torch.isfinite(t).all() for t in c5["model"].values())
+
+
+def test_five_nan_steps_in_a_row_stop_the_run_with_the_last_good_checkpoint(ref, tmp_path):
+    log = tmp_path / "log"
+    r = run_script(
+        *cli(
+            ref.data,
+            log,
+            "--inject-nan-steps",
+            "3,4,5,6,7",
+            "--max-steps",
+            "10",
+            "--save-every",
+            "2",
+            "--eval-every",
+            "0",
+        ),
+        timeout=TIMEOUT,
+    )
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert r.stderr.splitlines()[-1] == (
+        "error: stopping at step 7: 5 steps in a row had a non-finite loss or gradient norm; "
+        f"last good checkpoint: {log / 'model_00006.pt'}; lower --max-lr or check the data, then --resume"
+    )
+    assert sorted(loss_strings(r.stdout)) == list(range(8))
+    assert [line for line in read_log(log) if " skip " in line] == [f"{s} skip {s - 2}" for s in range(3, 8)]
+    assert sorted(n for n in listing(log) if n.startswith("model_")) == [f"model_{s:05d}.pt" for s in (2, 4, 6)]
+    # 2 is from before the streak; 4 and 6 hold the weights after step 2's update, untouched by the skipped steps
+    c2, c4, c6 = (train_gpt.load_checkpoint(str(log / f"model_{s:05d}.pt")) for s in (2, 4, 6))
+    assert same_tensors(c4["model"], c6["model"]) and not same_tensors(c2["model"], c4["model"])
+    assert all(torch.isfinite(t).all() for t in c6["model"].values())
+    assert all(s["step"] == 3 for s in c6["optimizer"]["state"].values())
+    # c4 holds the weights the reference had going into step 3: its step 3 loss, recomputed
+    c4_at_3 = dict(c4, train_loader=dict(c4["train_loader"], position=6))
+    assert step_loss(c4_at_3, ref.data) == pytest.approx(float(ref.losses[3]), abs=2e-6)

@@ -34,7 +34,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--export-hf", metavar="DIR", help="write an HF GPT-2 folder (config.json + model.safetensors) and exit")
+    p.add_argument(
+        "--export-hf", metavar="DIR", help="write an HF GPT-2 folder (config.json + model.safetensors) and exit"
+    )
     return p.parse_args(argv)
 
 

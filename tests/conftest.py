@@ -16,7 +16,9 @@ sys.path.insert(0, str(ROOT))
 TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--hellaswag-every", "0", "--sample-every", "0"]
 
 
-def write_shards(data_dir: Path, n_train: int = 2, tokens_per_shard: int = 5000, seed: int = 0, vocab: int = 50257) -> list[np.ndarray]:
+def write_shards(
+    data_dir: Path, n_train: int = 2, tokens_per_shard: int = 5000, seed: int = 0, vocab: int = 50257
+) -> list[np.ndarray]:
     """Random-token .npy shards in build-nanogpt's layout (shard 0 val, the rest train)."""
     from fineweb import write_shard
 

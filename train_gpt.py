@@ -213,7 +213,7 @@ class GPT(nn.Module):
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # GPT-2 ties input and output embeddings
-        self.loss_chunk_size = 1024  # rows of logits alive at once in the loss; 0 = all (plain)
+        self.loss_chunk_size = 512  # rows of logits alive at once in the loss; 0 = all (plain)
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -531,31 +531,38 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, targets, chunk_size):
         dt = compute_dtype(x)
-        w = weight.to(dt)
         acc = accumulate_dtype(dt)
+        w = weight.to(dt)
         valid = targets != IGNORE_INDEX
         scale = valid.to(acc) / valid.sum().clamp(min=1)  # per-row weight of the mean
-        safe_targets = targets.clamp(min=0)
+        safe_targets = targets.clamp(min=0)[:, None]
         loss = torch.zeros((), dtype=acc, device=x.device)
         grad_x = torch.empty_like(x)
         grad_w = torch.zeros_like(weight, dtype=acc)
+        # one logits buffer for every chunk: fresh CPU allocations this size cost page faults
+        buf = torch.empty(min(chunk_size, x.size(0)), w.size(0), dtype=acc, device=x.device) if dt == acc else None
         for s in range(0, x.size(0), chunk_size):
             xc = x[s : s + chunk_size].to(dt)
-            tc = safe_targets[s : s + chunk_size, None]
-            sc = scale[s : s + chunk_size]
-            logits = (xc @ w.t()).to(acc)
-            lse = torch.logsumexp(logits, dim=-1)
-            loss += ((lse - logits.gather(1, tc).squeeze(1)) * sc).sum()
-            grad = logits.sub_(lse[:, None]).exp_()  # softmax, reusing the logits' memory
-            grad.scatter_add_(1, tc, torch.full_like(tc, -1, dtype=grad.dtype))
-            grad = grad.to(dt)
-            # the per-row scale goes on the thin (rows x C) side of each matmul, not on rows x V
-            grad_x[s : s + chunk_size] = ((grad @ w) * sc[:, None]).to(x.dtype)
-            xs = xc * sc[:, None].to(dt)
-            if grad.dtype == grad_w.dtype:
-                grad_w.addmm_(grad.t(), xs)
+            r = xc.size(0)
+            logits = torch.mm(xc, w.t(), out=buf[:r]) if buf is not None else (xc @ w.t()).to(acc)
+            tc = safe_targets[s : s + r]
+            target_logit = logits.gather(1, tc).squeeze(1)
+            top = logits.amax(dim=1, keepdim=True)
+            e = logits.sub_(top).exp_()  # exp(logits - max), in place
+            total = e.sum(dim=1)
+            sc = scale[s : s + r]
+            loss += ((top.squeeze(1) + total.log() - target_logit) * sc).sum()
+            # (softmax - onehot) * scale = (e - total * onehot) * (scale / total): the row factor
+            # goes on the thin (rows x C) side of each matmul instead of a pass over rows x V
+            e.scatter_add_(1, tc, -total[:, None])
+            row = (sc / total)[:, None]
+            g = e.to(dt)
+            grad_x[s : s + r] = ((g @ w) * row).to(x.dtype)
+            xs = xc * row.to(dt)
+            if g.dtype == grad_w.dtype:
+                grad_w.addmm_(g.t(), xs)
             else:
-                grad_w += (grad.t() @ xs).to(acc)
+                grad_w += (g.t() @ xs).to(acc)
         ctx.save_for_backward(grad_x, grad_w)
         ctx.weight_dtype = weight.dtype
         return loss
@@ -563,7 +570,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         grad_x, grad_w = ctx.saved_tensors
-        return grad_x * grad_loss.to(grad_x.dtype), (grad_w * grad_loss).to(ctx.weight_dtype), None, None
+        return grad_x.mul_(grad_loss.to(grad_x.dtype)), grad_w.mul_(grad_loss).to(ctx.weight_dtype), None, None
 
 
 # -----------------------------------------------------------------------------
@@ -800,6 +807,7 @@ def score_hellaswag(
     """
     order = sorted(range(len(rendered)), key=lambda i: max(len(rendered[i][0]) + len(e) for e in rendered[i][1]))
     preds: list[tuple[int, int]] = [(0, 0)] * len(rendered)
+    was_training = model.training
     model.eval()
     for b in range(0, len(order), batch_size):
         batch = [rendered[i] for i in order[b : b + batch_size]]
@@ -821,7 +829,7 @@ def score_hellaswag(
         for j, (s, n) in enumerate(zip(loss_sum.tolist(), n_tokens.tolist())):
             mean = [a / c for a, c in zip(s, n)]
             preds[order[b + j]] = (min(range(4), key=s.__getitem__), min(range(4), key=mean.__getitem__))
-    model.train()
+    model.train(was_training)
     return preds
 
 
@@ -1203,7 +1211,8 @@ def run(cfg: TrainConfig, d: Dist, device: str) -> None:
     config = model.config
     is_124m = all(getattr(config, k) == v for k, v in MODEL_SHAPES["gpt2"].items())
     grad_accum = check_batch(cfg, d.world_size, config.block_size)
-    model.loss_chunk_size = model.loss_chunk_size if cfg.chunked_loss else 0
+    # 512 rows measured best on a 2-core CPU (README, Speed); larger chunks keep a GPU's matmuls big
+    model.loss_chunk_size = (512 if device_type == "cpu" else 8192) if cfg.chunked_loss else 0
     model.to(device)
     raw_model = model
     if cfg.compile:

@@ -132,7 +132,7 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
+def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
     # A reader (or a resumed run) sees either the old file or the complete new one,
     # never a torn one: write a temp file beside it, sync it, then rename over.
     path = os.fspath(path)
@@ -160,7 +160,7 @@ def write_shard(path: str | os.PathLike, tokens: np.ndarray) -> None:
     """Write a build-nanogpt shard: np.save of a 1-D uint16 array, atomically."""
     _check_tokens(tokens)
     # np.save(path) would append ".npy" to the temp name, so hand it an open file
-    _write_atomic(path, lambda f: np.save(f, tokens, allow_pickle=False))
+    write_atomic(path, lambda f: np.save(f, tokens, allow_pickle=False))
 
 
 def write_bin_shard(path: str | os.PathLike, tokens: np.ndarray) -> None:
@@ -175,7 +175,7 @@ def write_bin_shard(path: str | os.PathLike, tokens: np.ndarray) -> None:
         f.write(header.tobytes())
         f.write(tokens.astype("<u2", copy=False).tobytes())
 
-    _write_atomic(path, write)
+    write_atomic(path, write)
 
 
 def shard_name(prefix: str, index: int, fmt: str) -> str:
@@ -378,7 +378,7 @@ def write_manifest(path: str, args: dict, shards: list[dict], complete: bool) ->
         "complete": complete,
     }
     data = json.dumps(manifest, indent=1).encode()
-    _write_atomic(path, lambda f: f.write(data))
+    write_atomic(path, lambda f: f.write(data))
 
 
 def _describe(key: str, value: Any) -> str:

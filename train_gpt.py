@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from fineweb import BIN_HEADER_INTS, BIN_MAGIC, BIN_VERSION, EOT, get_tokenizer
+from fineweb import BIN_HEADER_INTS, BIN_MAGIC, BIN_VERSION, EOT, get_tokenizer, write_atomic
 
 GPT2_VOCAB = 50257  # real GPT-2 tokens; ids 50257..50303 only pad the vocab for speed
 IGNORE_INDEX = -100  # targets with this value are padding and carry no loss
@@ -770,14 +770,14 @@ def hellaswag_file(split: str = "val", data_dir: str | None = None) -> str:
     url = HELLASWAG_URL.format(split=split)
     os.makedirs(data_dir, exist_ok=True)
     try:
-        with urllib.request.urlopen(url, timeout=30) as r, open(path + ".tmp", "wb") as f:
-            f.write(r.read())
+        with urllib.request.urlopen(url, timeout=30) as r:
+            data = r.read()
     except OSError as e:
         raise UserError(
             f"HellaSwag {split} data: {path} is missing and {url} cannot be downloaded ({e}); "
             f"copy hellaswag_{split}.jsonl there or point --hellaswag-dir/--data-dir at a folder holding it"
         ) from e
-    os.replace(path + ".tmp", path)
+    write_atomic(path, lambda f: f.write(data))
     return path
 
 
@@ -943,24 +943,7 @@ def list_checkpoints(log_dir: str) -> list[tuple[int, str]]:
 
 def save_checkpoint(path: str, checkpoint: dict) -> None:
     """Temp file, fsync, rename: a kill at any moment leaves either the old state or the new one."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(checkpoint, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(os.path.dirname(path) or ".")
-
-
-def fsync_dir(path: str) -> None:
-    try:  # makes the rename itself durable; not possible on every OS
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
+    write_atomic(path, lambda f: torch.save(checkpoint, f))
 
 
 def load_checkpoint(path: str) -> dict:
@@ -1022,9 +1005,7 @@ def rewind_log(log_file: str, step: int, keep_evals: bool) -> None:
         s = int(parts[0])
         return s < step or (s == step and keep_evals and parts[1] in ("val", "hella"))
 
-    with open(log_file + ".tmp", "w") as f:
-        f.writelines(line for line in lines if keep(line))
-    os.replace(log_file + ".tmp", log_file)
+    write_atomic(log_file, lambda f: f.write("".join(line for line in lines if keep(line)).encode()))
 
 
 # -----------------------------------------------------------------------------

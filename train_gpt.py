@@ -1293,10 +1293,18 @@ def resume_config(cfg: TrainConfig, given: set[str], checkpoint: dict, path: str
     return new
 
 
-def check_log_dir(log_dir: str, resume: bool) -> None:
-    """A fresh run never writes over an earlier one: refuse a log dir with its log or checkpoints."""
+def check_log_dir(log_dir: str, resume: bool, probe_lock: bool = True) -> None:
+    """One run per log dir, and a fresh run never writes over an earlier one: refuse a log dir that a
+    live run holds, or, without --resume, one with an earlier run's log or checkpoints."""
     if os.path.exists(log_dir) and not os.path.isdir(log_dir):
         raise UserError(f"--log-dir {log_dir} is a file, not a directory; choose another --log-dir")
+    lock_path = os.path.join(log_dir, "train.lock")
+    if probe_lock and fcntl is not None and os.path.isfile(lock_path):
+        with open(lock_path) as probe:  # a shared lock fails while the run that owns the dir is alive
+            try:
+                fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:
+                raise UserError(in_use(log_dir, probe.read().strip())) from None
     earlier = [os.path.basename(p) for _, p in list_checkpoints(log_dir)[-1:]]
     log_txt = os.path.join(log_dir, "log.txt")
     if os.path.isfile(log_txt) and os.path.getsize(log_txt) > 0:
@@ -1306,6 +1314,10 @@ def check_log_dir(log_dir: str, resume: bool) -> None:
             f"--log-dir {log_dir} already holds a run ({', '.join(earlier)}); pass --resume to continue it, "
             "or choose another --log-dir"
         )
+
+
+def in_use(log_dir: str, holder: str) -> str:
+    return f"--log-dir {log_dir} is in use by another run ({holder or 'another process'}); wait for it or stop it, or choose another --log-dir"
 
 
 def claim_log_dir(log_dir: str, checkpoint: dict | None) -> Any:
@@ -1322,15 +1334,11 @@ def claim_log_dir(log_dir: str, checkpoint: dict | None) -> Any:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             lock.seek(0)
-            holder = lock.read().strip() or "another process"
-            raise UserError(
-                f"--log-dir {log_dir} is in use by another run ({holder}); wait for it or stop it, "
-                "or choose another --log-dir"
-            ) from None
+            raise UserError(in_use(log_dir, lock.read().strip())) from None
         lock.truncate(0)
         lock.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         lock.flush()
-    check_log_dir(log_dir, resume=checkpoint is not None)  # again, under the lock
+    check_log_dir(log_dir, resume=checkpoint is not None, probe_lock=False)  # again, now under the lock
     log_file = os.path.join(log_dir, "log.txt")
     if checkpoint is None:
         open(log_file, "w").close()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -81,6 +82,7 @@ class GPTConfig:
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
+    dropout: float = 0.0  # on embeddings, attention and residuals; 0 for pretraining (GPT-2's recipe)
 
 
 MODEL_SHAPES = {
@@ -117,6 +119,14 @@ class TrainConfig:
     max_steps: int = flag(19073, "optimizer steps of the whole run", lo=1, hi=10**9)
     weight_decay: float = flag(0.1, "AdamW weight decay of 2-D weights", lo=0, hi=10)
     grad_clip: float = flag(1.0, "max global grad norm; 0 disables clipping", lo=0, hi=1e6)
+    lr_schedule: str = flag(
+        "cosine", "cosine (the recipe), or wsd: warmup, flat, linear cooldown", choices=("cosine", "wsd")
+    )
+    cooldown_frac: float = flag(0.2, "wsd: the last fraction of --max-steps, decaying to --min-lr", gt=0, hi=1)
+    optimizer: str = flag(
+        "adamw", "adamw, or muon for the blocks' matrices (AdamW for the rest)", choices=("adamw", "muon")
+    )
+    dropout: float = flag(0.0, "dropout on embeddings, attention and residuals (fine-tuning)", lo=0, hi=0.9)
     # periodic actions (0 disables)
     eval_every: int = flag(250, "val loss every N steps, at step 0 and at the end", lo=0, hi=10**9)
     eval_steps: int = flag(20, "val batches per rank in each evaluation", lo=1, hi=10**6)
@@ -124,6 +134,10 @@ class TrainConfig:
     save_every: int = flag(5000, "checkpoint every N steps and at the end", lo=0, hi=10**9)
     hellaswag_every: int = flag(250, "HellaSwag accuracy every N steps and at the end", lo=0, hi=10**9)
     hellaswag_dir: str | None = flag(None, "folder with hellaswag_val.jsonl (default: download to ~/.cache)")
+    wandb: str | None = flag(
+        None, "also log to this Weights & Biases project (WANDB_MODE=offline works)", metavar="PROJECT"
+    )
+    wandb_run_name: str | None = flag(None, "name of the W&B run (default: W&B's)")
     keep_last: int = flag(0, "keep only the newest N checkpoints (0 keeps all)", lo=0, hi=10**6)
     resume: bool = flag(False, "continue the run in --log-dir from its newest usable checkpoint")
     # runtime
@@ -146,7 +160,7 @@ class TrainConfig:
 RESUME_MAY_CHANGE = {
     "data_dir", "log_dir", "resume", "max_steps", "eval_every", "eval_steps", "sample_every", "save_every",
     "hellaswag_every", "hellaswag_dir", "keep_last", "device", "dtype", "compile", "chunked_loss", "fused_adamw",
-    "batch_size", "inject_nan_steps",
+    "batch_size", "inject_nan_steps", "wandb", "wandb_run_name",
 }  # fmt: skip
 NOT_RESTORED = {"log_dir", "resume", "inject_nan_steps", "benchmark_steps", "benchmark_warmup", "plot"}
 
@@ -176,6 +190,8 @@ def check_config(cfg: TrainConfig, given: set[str]) -> None:
         raise UserError(f"--init-from {cfg.init_from} takes its shape from the source; drop {names}")
     if cfg.resume and cfg.benchmark_steps:
         raise UserError("--benchmark-steps times a fresh model; drop --resume")
+    if cfg.wandb and importlib.util.find_spec("wandb") is None:
+        raise UserError("--wandb needs the wandb package: pip install wandb")
     if not cfg.init_from:
         model_config(cfg)
 
@@ -192,6 +208,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj.RESIDUAL_SCALE_INIT = True
         self.n_head = config.n_head
         self.n_embd = config.n_embd
+        self.config = config  # read at each call, so --dropout can be set after loading weights
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, C = x.size()  # batch, sequence length, embedding width (n_embd)
@@ -202,8 +219,10 @@ class CausalSelfAttention(nn.Module):
         # a cached decode step has one query that may see every key, so only a fresh prefix is masked
         is_causal = T == k.size(2)
         assert is_causal or T == 1, "the cache extends one token at a time after the prompt"
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)  # (B, nh, T, hs)
-        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))  # heads side by side again
+        p = self.config.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=is_causal)  # (B, nh, T, hs)
+        y = self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))  # heads side by side again
+        return F.dropout(y, self.config.dropout, self.training)  # p=0 returns y itself: no RNG, no op
 
 
 class MLP(nn.Module):
@@ -213,9 +232,11 @@ class MLP(nn.Module):
         self.gelu = nn.GELU(approximate="tanh")  # GPT-2 was trained with the tanh approximation
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
         self.c_proj.RESIDUAL_SCALE_INIT = True
+        self.config = config
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(self.gelu(self.c_fc(x)))  # (B, T, C) -> (B, T, 4C) -> (B, T, C)
+        y = self.c_proj(self.gelu(self.c_fc(x)))  # (B, T, C) -> (B, T, 4C) -> (B, T, C)
+        return F.dropout(y, self.config.dropout, self.training)
 
 
 class Block(nn.Module):
@@ -291,6 +312,7 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of length {start + T} exceeds block_size {self.config.block_size}")
         pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C) + (T, C)
+        x = F.dropout(x, self.config.dropout, self.training)
         for layer, block in enumerate(self.transformer.h):
             x = block(x, cache, layer)
         if cache is not None:
@@ -308,23 +330,33 @@ class GPT(nn.Module):
         return None, cross_entropy(x, self.lm_head.weight, targets, self.loss_chunk_size)
 
     def configure_optimizers(
-        self, weight_decay: float, learning_rate: float, device_type: str, verbose: bool = False, fused: bool = True
-    ) -> torch.optim.AdamW:
-        """AdamW that decays only matrices (weights, embeddings), never biases or layer norms."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
+        self, weight_decay: float, learning_rate: float, device_type: str, fused: bool = True, optimizer: str = "adamw"
+    ) -> list[torch.optim.Optimizer]:
+        """AdamW that decays only matrices (weights, embeddings), never biases or layer norms. With
+        optimizer="muon", the blocks' 2-D matrices go to torch's Muon instead (it takes 2-D parameters
+        only); match_rms_adamw scales its update so it shares AdamW's learning rate and decay."""
+        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        muon = [p for n, p in named if optimizer == "muon" and n.startswith("transformer.h.") and p.dim() == 2]
+        taken = {id(p) for p in muon}
+        decay = [p for n, p in named if p.dim() >= 2 and id(p) not in taken]
+        no_decay = [p for n, p in named if p.dim() < 2]
         groups = [
             {"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
         ]
         fused = fused and device_type in ("cuda", "cpu")  # one kernel per tensor: on CPU 2-3x the plain loop
-        if verbose:
-            print(
-                f"decayed tensors: {len(decay)} ({sum(p.numel() for p in decay):,} params), "
-                f"non-decayed: {len(no_decay)} ({sum(p.numel() for p in no_decay):,} params), fused AdamW: {fused}"
+        optimizers = [torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=fused)]
+        if muon:
+            optimizers.append(
+                torch.optim.Muon(muon, lr=learning_rate, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
             )
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=fused)
+        counts = [(len(ps), sum(p.numel() for p in ps)) for ps in (decay, no_decay, muon)]
+        self.optimizer_summary = (
+            f"decayed tensors: {counts[0][0]} ({counts[0][1]:,} params), non-decayed: {counts[1][0]} "
+            f"({counts[1][1]:,} params), fused AdamW: {fused}"
+            + (f" | Muon: {counts[2][0]} ({counts[2][1]:,} params)" if muon else "")
+        )
+        return optimizers
 
     @torch.no_grad()
     def generate(
@@ -1057,12 +1089,39 @@ def print_samples(model: GPT, enc, rt: Runtime, n: int = 4, max_tokens: int = 32
         print(f"rank 0 sample {i}: {enc.decode(row)}")
 
 
-def append_log(log_file: str | None, step: int, stream: str, value: float) -> None:
-    """One `{step} {stream} {value}` line of log.txt (build-nanogpt's format), written as it happens
-    so others can follow the file; None (other ranks, benchmark mode) writes nothing."""
-    if log_file is not None:
-        with open(log_file, "a") as f:
-            f.write(f"{step} {stream} {value:.4f}\n" if stream != "train" else f"{step} {stream} {value:.6f}\n")
+class RunLog:
+    """What a run reports, as it happens: log.txt in build-nanogpt's `{step} {stream} {value}` lines
+    (readers skip streams they do not know) and, with --wandb, the same values in a W&B run.
+    Rank 0 of a real run writes; the others, and benchmark mode, get a RunLog() that writes nothing."""
+
+    FORMATS = {"train": ".6f", "lr": ".6e", "toks": ".0f", "skip": ".0f"}  # the rest (val, hella, norm): .4f
+
+    def __init__(self, log_file: str | None = None, wandb_run: Any = None):
+        self.log_file, self.wandb_run = log_file, wandb_run
+
+    def write(self, step: int, **values: float) -> None:
+        if self.log_file is not None:
+            with open(self.log_file, "a") as f:  # a line at a time, so others can follow the file
+                f.writelines(f"{step} {k} {v:{self.FORMATS.get(k, '.4f')}}\n" for k, v in values.items())
+        if self.wandb_run is not None:
+            self.wandb_run.log(values, step=step)
+
+
+def start_wandb(cfg: TrainConfig, run_id: str | None) -> Any:
+    """The W&B run of this training run, continued by its id after --resume; wandb is imported only here."""
+    try:
+        import wandb
+    except ImportError:
+        raise UserError("--wandb needs the wandb package: pip install wandb") from None
+    try:
+        return wandb.init(
+            project=cfg.wandb, name=cfg.wandb_run_name, id=run_id, resume="allow", config=asdict(cfg), dir=cfg.log_dir
+        )
+    except Exception as e:  # no network, no login: W&B raises many kinds
+        raise UserError(
+            f"--wandb {cfg.wandb}: cannot start a W&B run ({type(e).__name__}: {' '.join(str(e).split())[:200]}); "
+            "set WANDB_MODE=offline to log locally and `wandb sync` later"
+        ) from None
 
 
 GPT2_124M_REFERENCE = {"val": 3.2924, "hella": 0.2955}  # OpenAI's GPT-2 124M on FineWeb-Edu val / HellaSwag
@@ -1093,7 +1152,7 @@ def plot_curves(log_file: str, out_png: str, reference_124m: bool = False) -> No
     import matplotlib.pyplot as plt
 
     s = read_log(log_file)
-    panels = 3 if "hella" in s else 2
+    panels = 2 + ("hella" in s) + ("lr" in s)
     fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4))
     ax = axes[0]
     if "train" in s:
@@ -1112,13 +1171,16 @@ def plot_curves(log_file: str, out_png: str, reference_124m: bool = False) -> No
         ax.axhline(math.exp(GPT2_124M_REFERENCE["val"]), color="r", ls="--", label="GPT-2 124M")
     ax.set(xlabel="step", ylabel="perplexity", title="val perplexity")
     ax.legend()
-    if panels == 3:
+    if "hella" in s:
         ax = axes[2]
         ax.plot(*s["hella"], marker=".", label="acc_norm")
         if reference_124m:
             ax.axhline(GPT2_124M_REFERENCE["hella"], color="r", ls="--", label="GPT-2 124M")
         ax.set(xlabel="step", ylabel="acc_norm", title="HellaSwag")
         ax.legend()
+    if "lr" in s:
+        axes[-1].plot(*s["lr"])
+        axes[-1].set(xlabel="step", ylabel="learning rate", title="learning rate")
     fig.tight_layout()
     write_atomic(out_png, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
@@ -1159,14 +1221,15 @@ def checkpoint_state(
     val_loss: float | None,
     cfg: TrainConfig,
     model: GPT,
-    optimizer: torch.optim.Optimizer,
+    optimizers: list[torch.optim.Optimizer],
     scaler: torch.amp.GradScaler,
     train_loader: DataLoaderLite,
+    wandb_id: str | None = None,
 ) -> dict:
     """Everything a run needs to continue exactly: restore_state() puts each piece back."""
     return {
         "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "optimizer": [o.state_dict() for o in optimizers],
         "config": asdict(model.config),
         "args": asdict(cfg),
         "step": step,
@@ -1178,18 +1241,21 @@ def checkpoint_state(
         },
         "scaler": scaler.state_dict(),
         "periodic_done": periodic_done,  # whether eval/save of this step already happened
+        "wandb_id": wandb_id,
     }
 
 
 def restore_state(
     checkpoint: dict,
-    optimizer: torch.optim.Optimizer,
+    optimizers: list[torch.optim.Optimizer],
     scaler: torch.amp.GradScaler,
     train_loader: DataLoaderLite,
 ) -> tuple[int, bool, float | None]:
     """Put back what checkpoint_state() saved (the model is built from it already): (step, periodic_done, val_loss)."""
     train_loader.load_state_dict(checkpoint["train_loader"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
+    states = checkpoint["optimizer"]
+    for optimizer, state in zip(optimizers, [states] if isinstance(states, dict) else states, strict=True):
+        optimizer.load_state_dict(state)  # (checkpoints of older versions hold one AdamW state, not a list)
     scaler.load_state_dict(checkpoint["scaler"])
     torch.set_rng_state(checkpoint["rng"]["torch"])
     if torch.cuda.is_available() and checkpoint["rng"]["cuda"]:
@@ -1285,10 +1351,10 @@ def resume_config(cfg: TrainConfig, given: set[str], checkpoint: dict, path: str
         changed = [f"{k}={v}" for k, v in restored.items() if v != getattr(cfg, k)]
         print(f"resume: restored the run's flags from {path}: {', '.join(changed) or 'all were the defaults'}")
         step, old_steps = checkpoint["step"], saved.get("max_steps", new.max_steps)
-        if new.max_steps != old_steps and step > new.warmup_steps:
-            before, after = get_lr(step, replace(new, max_steps=old_steps)), get_lr(step, new)
+        before, after = get_lr(step, replace(new, max_steps=old_steps)), get_lr(step, new)
+        if before != after:  # cosine stretches; wsd moves only if the checkpoint is in its cooldown
             print(
-                f"resume: --max-steps {old_steps} -> {new.max_steps} moves the LR at step {step} from {before:.3e} to {after:.3e}"
+                f"resume: --max-steps {old_steps} -> {new.max_steps} moves the LR at step {step} from {before:.4e} to {after:.4e}"
             )
     return new
 
@@ -1471,11 +1537,17 @@ def peak_flops(rt: Runtime, override_tflops: float | None) -> tuple[float, str] 
 
 
 def get_lr(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to max_lr over warmup_steps, then cosine decay to min_lr at max_steps."""
+    """Linear warmup to max_lr over warmup_steps, then to min_lr at max_steps: by cosine (the recipe),
+    or for wsd flat at max_lr until the last cooldown_frac of the steps and linearly down from there.
+    A wsd run can grow its --max-steps from any checkpoint before the cooldown without a change."""
     if step < cfg.warmup_steps:
         return cfg.max_lr * (step + 1) / cfg.warmup_steps
     if step >= cfg.max_steps:
         return cfg.min_lr
+    if cfg.lr_schedule == "wsd":
+        cooldown = max(1, round(cfg.cooldown_frac * cfg.max_steps))
+        done = (step - (cfg.max_steps - cooldown)) / cooldown  # < 0 on the plateau, 1 at max_steps
+        return cfg.max_lr + max(0.0, done) * (cfg.min_lr - cfg.max_lr)
     ratio = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.max_lr - cfg.min_lr)
 
@@ -1525,10 +1597,13 @@ def check_batch(cfg: TrainConfig, world_size: int, block_size: int) -> int:
 def build_model(cfg: TrainConfig, checkpoint: dict | None) -> GPT:
     """The model of a resumed run, or pretrained weights to fine-tune (--init-from), or a fresh one."""
     if checkpoint is not None:
-        return model_from_checkpoint(checkpoint, cfg.log_dir)
-    if cfg.init_from:
-        return GPT.from_pretrained(cfg.init_from)
-    return GPT(model_config(cfg))
+        model = model_from_checkpoint(checkpoint, cfg.log_dir)
+    elif cfg.init_from:
+        model = GPT.from_pretrained(cfg.init_from)
+    else:
+        model = GPT(model_config(cfg))
+    model.config.dropout = cfg.dropout  # a training choice, not part of the weights
+    return model
 
 
 def synthetic_batches(cfg: TrainConfig, vocab_size: int):
@@ -1541,7 +1616,7 @@ def synthetic_batches(cfg: TrainConfig, vocab_size: int):
 def train_step(
     model: nn.Module,
     raw_model: GPT,
-    optimizer: torch.optim.Optimizer,
+    optimizers: list[torch.optim.Optimizer],
     scaler: torch.amp.GradScaler,
     next_batch,
     grad_accum: int,
@@ -1553,7 +1628,8 @@ def train_step(
 ) -> tuple[float, float, bool, bool]:
     """One optimizer step over grad_accum micro-batches: (mean loss, grad norm, whether the update
     was applied, whether any rank was asked to stop). A non-finite loss or norm skips the update."""
-    optimizer.zero_grad(set_to_none=True)
+    for optimizer in optimizers:
+        optimizer.zero_grad(set_to_none=True)
     loss_accum = torch.zeros((), device=rt.device)
     for micro_step in range(grad_accum):
         x, y = next_batch()
@@ -1570,7 +1646,8 @@ def train_step(
             loss = loss * float("nan")
         loss_accum += loss.detach()
         scaler.scale(loss).backward()
-    scaler.unscale_(optimizer)
+    for optimizer in optimizers:
+        scaler.unscale_(optimizer)
     norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
     # one all-reduce and one host sync per step: mean loss, grad norm, and whether any rank must stop
     stats = torch.stack([loss_accum.float(), norm.float(), torch.tensor(float(stop_asked), device=rt.device)])
@@ -1578,11 +1655,12 @@ def train_step(
     if dist.is_initialized():
         dist.all_reduce(stats)
     loss_value, norm_value, stop_votes = (v / world for v in stats.tolist())
-    for group in optimizer.param_groups:
-        group["lr"] = lr
     applied = math.isfinite(loss_value) and (math.isfinite(norm_value) or scaler.is_enabled())
-    if applied:
-        scaler.step(optimizer)
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        if applied:
+            scaler.step(optimizer)
     scaler.update()
     if rt.device_type == "cuda":
         torch.cuda.synchronize()
@@ -1595,7 +1673,7 @@ def run(cfg: TrainConfig, d: Dist, rt: Runtime, checkpoint: dict | None) -> None
     bench = cfg.benchmark_steps > 0
     if bench:  # benchmark mode: time the steps on synthetic tokens; nothing periodic, nothing written
         cfg = replace(cfg, max_steps=cfg.benchmark_warmup + cfg.benchmark_steps, eval_every=0, sample_every=0)
-        cfg = replace(cfg, save_every=0, hellaswag_every=0)
+        cfg = replace(cfg, save_every=0, hellaswag_every=0, wandb=None)
     torch.manual_seed(cfg.seed)
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer
     raw_model = build_model(cfg, checkpoint).to(rt.device)
@@ -1605,37 +1683,36 @@ def run(cfg: TrainConfig, d: Dist, rt: Runtime, checkpoint: dict | None) -> None
     model = torch.compile(raw_model) if cfg.compile else raw_model
     if d.ddp:
         model = DDP(model, device_ids=[d.local_rank] if rt.device_type == "cuda" else None)
-    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.max_lr, rt.device_type, d.master, cfg.fused_adamw)
+    opts = raw_model.configure_optimizers(cfg.weight_decay, cfg.max_lr, rt.device_type, cfg.fused_adamw, cfg.optimizer)
     scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == torch.float16)
     if d.master:
+        print(raw_model.optimizer_summary)
         print(
             f"model: {raw_model.num_params():,} params {asdict(config)} | device {rt.device} | dtype "
             f"{str(rt.dtype)[6:]} | world {d.world_size} | total batch {cfg.total_batch_size} = {cfg.batch_size} "
             f"x {cfg.seq_len} x {d.world_size} x {grad_accum} accumulation steps"
         )
     # data, and what the periodic actions need, loaded now so a problem shows before hours of work
-    loaders = [
-        DataLoaderLite(cfg.batch_size, cfg.seq_len, d.rank, d.world_size, split, cfg.data_dir, config.vocab_size,
-                       shuffle=cfg.shuffle and split == "train", seed=cfg.seed, verbose=d.master)
-        for split in ([] if bench else ["train", "val"])
-    ]  # fmt: skip
-    train_loader, val_loader = loaders or (None, None)
+    train_loader, val_loader = (None, None) if bench else make_loaders(cfg, d, config.vocab_size)
     next_batch = synthetic_batches(cfg, config.vocab_size) if bench else train_loader.next_batch
     enc = get_tokenizer() if cfg.sample_every or cfg.hellaswag_every else None
     hellaswag = []
     if cfg.hellaswag_every:
         hellaswag = [render_hellaswag(ex, enc) for ex in load_hellaswag("val", cfg.hellaswag_dir)]
-    start_step, periodic_done, val_loss = 0, False, None
+    start_step, periodic_done, val_loss, wandb_id = 0, False, None, None
     if checkpoint is not None:
-        start_step, periodic_done, val_loss = restore_state(checkpoint, optimizer, scaler, train_loader)
+        wandb_id = checkpoint.get("wandb_id")
+        start_step, periodic_done, val_loss = restore_state(checkpoint, opts, scaler, train_loader)
         checkpoint.clear()  # the loaded copy is ~16 bytes a parameter of host memory: drop it now
         if d.master:
             print(f"resuming at step {start_step}")
-    log_file = os.path.join(cfg.log_dir, "log.txt") if d.master and not bench else None
+    log = RunLog()
+    if d.master and not bench:
+        log = RunLog(os.path.join(cfg.log_dir, "log.txt"), start_wandb(cfg, wandb_id) if cfg.wandb else None)
+        wandb_id = log.wandb_run.id if log.wandb_run else None
     is_124m = all(getattr(config, k) == v for k, v in MODEL_SHAPES["gpt2"].items())
     inject_nan = {int(s) for s in cfg.inject_nan_steps.split(",") if s.strip()}
     stop = StopFlag(verbose=d.master)
-    tokens_per_step = cfg.total_batch_size
     bad_in_a_row, step_times = 0, []
     for step in range(start_step, cfg.max_steps + 1):
         last = step == cfg.max_steps
@@ -1646,21 +1723,21 @@ def run(cfg: TrainConfig, d: Dist, rt: Runtime, checkpoint: dict | None) -> None
             val_loss = evaluate_loss(model, val_loader, cfg.eval_steps, rt)
             if d.master:
                 print(f"validation loss: {val_loss:.4f} | ppl: {math.exp(min(val_loss, 700)):.2f}")
-            append_log(log_file, step, "val", val_loss)
+            log.write(step, val=val_loss)
         # once in a while evaluate HellaSwag
         if periodic and due(step, cfg.hellaswag_every, last):
             acc_norm, acc, n = evaluate_hellaswag(raw_model, hellaswag, rt, d.rank, d.world_size)
             if d.master:
                 print(f"hellaswag: acc_norm={acc_norm:.4f} acc={acc:.4f} n={n}")
-            append_log(log_file, step, "hella", acc_norm)
-        if log_file and periodic and (due(step, cfg.eval_every, last) or due(step, cfg.hellaswag_every, last)):
-            draw_curves(log_file, is_124m)
+            log.write(step, hella=acc_norm)
+        if log.log_file and periodic and (due(step, cfg.eval_every, last) or due(step, cfg.hellaswag_every, last)):
+            draw_curves(log.log_file, is_124m)
         # once in a while generate from the model (except step 0, which is noise)
         if d.master and periodic and step > 0 and due(step, cfg.sample_every, last):
             print_samples(raw_model, enc, rt)
         # once in a while save a checkpoint (the last step's is the finished model)
         if d.master and periodic and step > 0 and due(step, cfg.save_every, last):
-            state = checkpoint_state(step, True, val_loss, cfg, raw_model, optimizer, scaler, train_loader)
+            state = checkpoint_state(step, True, val_loss, cfg, raw_model, opts, scaler, train_loader, wandb_id)
             save_checkpoint(cfg.log_dir, step, state, cfg.keep_last)
         if last:
             break
@@ -1669,7 +1746,7 @@ def run(cfg: TrainConfig, d: Dist, rt: Runtime, checkpoint: dict | None) -> None
         t0 = time.time()
         lr = get_lr(step, cfg)
         loss, norm, applied, stopping = train_step(
-            model, raw_model, optimizer, scaler, next_batch, grad_accum, lr, cfg, rt, step in inject_nan, stop.signum is not None
+            model, raw_model, opts, scaler, next_batch, grad_accum, lr, cfg, rt, step in inject_nan, stop.signum is not None
         )  # fmt: skip
         dt = time.time() - t0
         bad_in_a_row = 0 if applied else bad_in_a_row + 1
@@ -1679,27 +1756,47 @@ def run(cfg: TrainConfig, d: Dist, rt: Runtime, checkpoint: dict | None) -> None
             note = "" if applied else f" | skipped: non-finite loss or grad norm ({bad_in_a_row} in a row)"
             print(
                 f"step {step:5d} | loss: {loss:.6f} | lr {lr:.4e} | norm: {norm:.4f} | "
-                f"dt: {dt * 1000:.2f}ms | tok/sec: {tokens_per_step / dt:.2f}{note}",
+                f"dt: {dt * 1000:.2f}ms | tok/sec: {cfg.total_batch_size / dt:.2f}{note}",
                 flush=True,
             )
-        append_log(log_file, step, "train", loss)
-        if not applied:
-            append_log(log_file, step, "skip", bad_in_a_row)
-            if bad_in_a_row >= 5:
-                good = list_checkpoints(cfg.log_dir)
-                raise UserError(
-                    f"stopping at step {step}: {bad_in_a_row} steps in a row had a non-finite loss or gradient norm; "
-                    f"last good checkpoint: {good[-1][1] if good else 'none'}; lower --max-lr or check the data, then --resume"
-                )
+        log.write(
+            step,
+            train=loss,
+            lr=lr,
+            norm=norm,
+            toks=cfg.total_batch_size / dt,
+            **({} if applied else {"skip": bad_in_a_row}),
+        )
+        if bad_in_a_row >= 5:
+            good = list_checkpoints(cfg.log_dir)
+            raise UserError(
+                f"stopping at step {step}: {bad_in_a_row} steps in a row had a non-finite loss or gradient norm; "
+                f"last good checkpoint: {good[-1][1] if good else 'none'}; lower --max-lr or check the data, then --resume"
+            )
         if stopping and not bench:
             if d.master:
-                state = checkpoint_state(step + 1, False, val_loss, cfg, raw_model, optimizer, scaler, train_loader)
+                state = checkpoint_state(
+                    step + 1, False, val_loss, cfg, raw_model, opts, scaler, train_loader, wandb_id
+                )
                 path = save_checkpoint(cfg.log_dir, step + 1, state, cfg.keep_last)
                 print(f"stopped at step {step + 1}: checkpoint written to {path}; continue with --resume")
-            return
+            break
 
+    if log.wandb_run is not None:
+        log.wandb_run.finish()
     if bench and d.master:
-        report_benchmark(raw_model, cfg, rt, tokens_per_step, step_times)
+        report_benchmark(raw_model, cfg, rt, cfg.total_batch_size, step_times)
+
+
+def make_loaders(cfg: TrainConfig, d: Dist, vocab_size: int) -> tuple[DataLoaderLite, DataLoaderLite]:
+    """This rank's train and val loaders; only the train split is shuffled (with --shuffle)."""
+    return tuple(
+        DataLoaderLite(
+            cfg.batch_size, cfg.seq_len, d.rank, d.world_size, split, cfg.data_dir, vocab_size,
+            shuffle=cfg.shuffle and split == "train", seed=cfg.seed, verbose=d.master,
+        )
+        for split in ("train", "val")
+    )  # fmt: skip
 
 
 def due(step: int, every: int, last: bool) -> bool:

@@ -1,25 +1,60 @@
-"""HellaSwag scoring: the batched scorer against build-nanogpt's one-at-a-time reference and against
-losses computed by hand, the in-training eval across ranks, and hellaswag.py as a user runs it."""
+"""HellaSwag scoring: the batched scorer against build-nanogpt's one-at-a-time reference (kept here,
+as the test's own slow-but-obvious scorer) and against losses computed by hand, the in-training eval
+across ranks, and hellaswag.py as a user runs it."""
 
+import io
 import json
 import os
 import re
-from contextlib import nullcontext
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import ROOT, SHARED_DATA, TINY, run_script
 
 import hellaswag
 import train_gpt
-from train_gpt import GPT, GPTConfig
+from train_gpt import GPT, GPTConfig, Runtime
 
 HELLASWAG_DIR = SHARED_DATA / "hellaswag"
 FINAL_LINE = re.compile(r"hellaswag: acc_norm=(\d\.\d{4}) acc=(\d\.\d{4}) n=(\d+)")
+CPU = Runtime("cpu", torch.float32)  # float32: no autocast
 # urllib honours these: every download attempt goes to a closed local port and fails at once
 NO_NETWORK = {"HTTPS_PROXY": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9", "NO_PROXY": "", "no_proxy": ""}
+
+
+@torch.no_grad()
+def one_at_a_time(model: GPT, rendered: list, rt: Runtime = CPU) -> list[tuple[int, int]]:
+    """(pred, pred_norm) per example, build-nanogpt's way: one example (4 rows) per forward pass, full
+    logits, F.cross_entropy on the shifted tokens, masked to the ending. Slow but obviously right: the
+    reference that the batched train_gpt.score_hellaswag must agree with."""
+    was_training = model.training
+    model.eval()
+    preds = []
+    for ctx, endings, _ in rendered:
+        rows = [ctx + end for end in endings]
+        L = max(len(r) for r in rows)
+        tokens = torch.zeros((4, L), dtype=torch.long)
+        mask = torch.zeros((4, L), dtype=torch.long)
+        for i, row in enumerate(rows):
+            tokens[i, : len(row)] = torch.tensor(row)
+            mask[i, len(ctx) : len(row)] = 1
+        tokens, mask = tokens.to(rt.device), mask.to(rt.device)
+        with rt.autocast():
+            logits, _ = model(tokens)
+        # position t predicts token t+1, so the losses shift by one and so does the mask
+        losses = F.cross_entropy(
+            logits[:, :-1].float().reshape(-1, logits.size(-1)), tokens[:, 1:].reshape(-1), reduction="none"
+        ).view(4, -1)
+        shift_mask = mask[:, 1:]
+        sum_loss = (losses * shift_mask).sum(dim=1)
+        avg_loss = sum_loss / shift_mask.sum(dim=1)
+        preds.append((int(sum_loss.argmin()), int(avg_loss.argmin())))
+    model.train(was_training)
+    return preds
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +73,7 @@ def real_examples() -> list:
 
 @pytest.fixture(scope="module")
 def real_reference(model, real_examples) -> list[tuple[int, int]]:
-    return hellaswag.score_one_at_a_time(model, real_examples, "cpu")
+    return one_at_a_time(model, real_examples)
 
 
 def hand_losses(model: GPT, ctx: list[int], endings: list[list[int]]) -> list[tuple[float, float]]:
@@ -97,9 +132,21 @@ def accuracies(preds: list[tuple[int, int]], rendered: list) -> tuple[float, flo
 
 def save_tiny_checkpoint(model: GPT, path: Path) -> Path:
     """What hellaswag.py needs of a trainer's checkpoint: the weights and the shape."""
-    checkpoint = {"model": model.state_dict(), "config": asdict(model.config), "step": 0, "val_loss": None}
-    train_gpt.save_checkpoint(str(path), checkpoint)
+    torch.save({"model": model.state_dict(), "config": asdict(model.config)}, path)
     return path
+
+
+def write_examples(folder: Path, examples: list[dict], split: str = "val") -> Path:
+    folder.mkdir(exist_ok=True)
+    (folder / f"hellaswag_{split}.jsonl").write_text("".join(json.dumps(ex) + "\n" for ex in examples))
+    return folder
+
+
+class Terminal(io.StringIO):
+    """A stderr that says it is a terminal, so tqdm draws its bar there."""
+
+    def isatty(self) -> bool:
+        return True
 
 
 @pytest.fixture(autouse=True)
@@ -115,8 +162,8 @@ def keep_matmul_precision():
 
 def test_batched_equals_one_at_a_time_on_real_examples(model, real_examples, real_reference):
     assert len(set(real_reference)) > 4  # the model has opinions: the predictions are not all alike
-    assert train_gpt.score_hellaswag(model, real_examples, "cpu") == real_reference
-    assert train_gpt.score_hellaswag(model, real_examples, "cpu", batch_size=7) == real_reference
+    assert train_gpt.score_hellaswag(model, real_examples, CPU) == real_reference
+    assert train_gpt.score_hellaswag(model, real_examples, CPU, batch_size=7) == real_reference
 
 
 CRAFTED = crafted(13)
@@ -124,14 +171,24 @@ CRAFTED = crafted(13)
 
 @pytest.fixture(scope="module")
 def crafted_reference(model) -> list[tuple[int, int]]:
-    reference = hellaswag.score_one_at_a_time(model, CRAFTED, "cpu")
+    reference = one_at_a_time(model, CRAFTED)
     assert reference == hand_preds(model, CRAFTED)
     return reference
 
 
 @pytest.mark.parametrize("batch_size", [1, 3, 4, 16])  # 3 leaves a short last batch; 16 is one batch of all
 def test_batched_equals_one_at_a_time_on_crafted_examples(model, crafted_reference, batch_size):
-    assert train_gpt.score_hellaswag(model, CRAFTED, "cpu", batch_size=batch_size) == crafted_reference
+    assert train_gpt.score_hellaswag(model, CRAFTED, CPU, batch_size=batch_size) == crafted_reference
+
+
+def test_scoring_restores_the_models_mode(model, crafted_reference):
+    model.train()
+    try:  # dropout is 0, but a caller's train mode must survive an eval in the middle of training
+        assert train_gpt.score_hellaswag(model, CRAFTED, CPU, batch_size=5) == crafted_reference
+        assert model.training
+    finally:
+        model.eval()
+    assert train_gpt.score_hellaswag(model, CRAFTED[:3], CPU) == crafted_reference[:3] and not model.training
 
 
 def test_acc_and_acc_norm_by_hand_with_endings_of_different_lengths(model):
@@ -150,25 +207,26 @@ def test_acc_and_acc_norm_by_hand_with_endings_of_different_lengths(model):
         assert all(s > short_sum + 1 and m > long_mean + 0.05 for s, m in medium)
     expected = [(0, 1)] * 4
     assert hand_preds(model, rendered) == expected
-    assert hellaswag.score_one_at_a_time(model, rendered, "cpu") == expected
-    assert train_gpt.score_hellaswag(model, rendered, "cpu", batch_size=3) == expected
-    assert train_gpt.evaluate_hellaswag(model, rendered, "cpu", nullcontext()) == (0.5, 0.25, 4)
+    assert one_at_a_time(model, rendered) == expected
+    assert train_gpt.score_hellaswag(model, rendered, CPU, batch_size=3) == expected
+    assert train_gpt.evaluate_hellaswag(model, rendered, CPU) == (0.5, 0.25, 4)
 
 
 # --- the in-training eval: 2 ranks == 1 rank --------------------------------------------------------
 
 RANK_SCRIPT = """
 import json, sys
-from contextlib import nullcontext
 sys.path.insert(0, {root!r})
+import torch
 import torch.distributed as dist
 import train_gpt
 
 dist.init_process_group("gloo")
-model = train_gpt.model_from_checkpoint(train_gpt.load_checkpoint(sys.argv[1]))
+model = train_gpt.model_from_checkpoint(train_gpt.load_checkpoint(sys.argv[1]), sys.argv[1])
 with open(sys.argv[2]) as f:
     rendered = json.load(f)
-result = train_gpt.evaluate_hellaswag(model, rendered, "cpu", nullcontext(), dist.get_rank(), dist.get_world_size())
+rt = train_gpt.Runtime("cpu", torch.float32)
+result = train_gpt.evaluate_hellaswag(model, rendered, rt, dist.get_rank(), dist.get_world_size())
 if dist.get_rank() == 0:
     with open(sys.argv[3], "w") as f:
         json.dump(result, f)
@@ -176,6 +234,7 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.slow
 def test_evaluate_hellaswag_two_ranks_equals_one(model, tmp_path):
     rendered = crafted(11, seed=2)  # odd: rank 0 scores 6 examples, rank 1 scores 5
     preds = hand_preds(model, rendered)
@@ -183,7 +242,7 @@ def test_evaluate_hellaswag_two_ranks_equals_one(model, tmp_path):
     rendered = [(c, e, [p[1], p[0], (p[1] + 1) % 4][i % 3]) for i, ((c, e, _), p) in enumerate(zip(rendered, preds))]
     expected = (*accuracies(preds, rendered), 11)
     assert 0 < expected[0] < 1 and 0 < expected[1] < 1 and expected[0] != expected[1]
-    assert train_gpt.evaluate_hellaswag(model, rendered, "cpu", nullcontext()) == expected
+    assert train_gpt.evaluate_hellaswag(model, rendered, CPU) == expected
 
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT.format(root=str(ROOT)))
@@ -217,21 +276,68 @@ TEXT_EXAMPLES = [
 ]
 
 
-def test_final_line_matches_the_reference_accuracy(model, real_examples, real_reference, tmp_path, capsys):
+@pytest.mark.slow
+def test_final_line_matches_the_reference_accuracy(model, real_examples, real_reference, tmp_path, capsys, monkeypatch):
     ckpt = save_tiny_checkpoint(model, tmp_path / "model_00000.pt")
     acc_norm, acc = accuracies(real_reference[:20], real_examples[:20])
     line = f"hellaswag: acc_norm={acc_norm:.4f} acc={acc:.4f} n=20\n"
-    args = ["--checkpoint", str(ckpt), "--limit", "20", "--data-dir", str(HELLASWAG_DIR), "--device", "cpu"]
-    r = run_script("hellaswag.py", *args, "--batch-size", "6")
+    args = ["--limit", "20", "--data-dir", str(HELLASWAG_DIR), "--device", "cpu", "--batch-size", "6"]
+    r = run_script("hellaswag.py", "--checkpoint", str(ckpt), *args)
     assert r.returncode == 0, r.stderr
     assert r.stdout == line and FINAL_LINE.fullmatch(r.stdout.strip())
-    # text mode turned the progress line's \r into \n: 4 redraws at most, the last with the final running score
-    assert f"\n20/20 | acc_norm {acc_norm:.4f} | " in r.stderr and r.stderr.endswith(" examples/s\n")
+    assert r.stderr == ""  # tqdm's bar stays silent when stderr is not a terminal
 
-    hellaswag.main([*args, "--method", "one-at-a-time"])  # in-process: saves a start-up, and keeps the \r
+    # in-process, on a terminal: --model takes the .pt too; the bar is drawn on stderr, then wiped
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    hellaswag.main(["--model", str(ckpt), *args])
+    assert capsys.readouterr().out == line
+    err = terminal.getvalue()
+    assert err.startswith("\rhellaswag:") and "/20 [" in err and "ex/s" in err
+    assert "\n" not in err and err.endswith("\r")  # leave=False: the final line stands alone
+
+
+def test_model_flag_takes_an_hf_folder(model, tmp_path, capsys):
+    folder = tmp_path / "hf"
+    model.save_pretrained(str(folder))
+    hella = write_examples(tmp_path / "hella", TEXT_EXAMPLES)
+    hellaswag.main(["--model", str(folder), "--data-dir", str(hella), "--device", "cpu", "--dtype", "float32"])
+    # the folder holds the 50257 real tokens only: a model of its own, scored by hand
+    exported = GPT.from_pretrained(str(folder)).eval()
+    assert exported.config.vocab_size == train_gpt.GPT2_VOCAB
+    enc = train_gpt.get_tokenizer()
+    rendered = [train_gpt.render_hellaswag(ex, enc) for ex in TEXT_EXAMPLES]
+    acc_norm, acc = accuracies(hand_preds(exported, rendered), rendered)
+    assert capsys.readouterr() == (f"hellaswag: acc_norm={acc_norm:.4f} acc={acc:.4f} n=3\n", "")
+
+
+def test_unlabelled_examples_are_warned_about(model, tmp_path, capsys):
+    unlabelled = [{k: v for k, v in ex.items() if k != "label"} for ex in TEXT_EXAMPLES]
+    hella = write_examples(tmp_path / "hella", unlabelled, split="test")
+    ckpt = save_tiny_checkpoint(model, tmp_path / "model_00000.pt")
+    hellaswag.main(["--checkpoint", str(ckpt), "--split", "test", "--data-dir", str(hella), "--device", "cpu"])
     out, err = capsys.readouterr()
-    assert out == line
-    assert err.startswith("\r") and f"\r20/20 | acc_norm {acc_norm:.4f} | " in err and err.count("\n") == 1
+    assert out == "hellaswag: acc_norm=0.0000 acc=0.0000 n=3\n"
+    assert err == "warning: 3 examples have no label; they count as wrong\n"
+
+
+def test_examples_longer_than_the_model_are_one_error_line(tmp_path, capsys):
+    torch.manual_seed(0)
+    short = GPT(GPTConfig(block_size=8, n_layer=1, n_head=1, n_embd=8))
+    ckpt = save_tiny_checkpoint(short, tmp_path / "model_00000.pt")
+    hella = write_examples(tmp_path / "hella", TEXT_EXAMPLES)
+    longest = max(
+        len(ctx) + len(end)
+        for ctx, endings, _ in (train_gpt.render_hellaswag(ex, train_gpt.get_tokenizer()) for ex in TEXT_EXAMPLES)
+        for end in endings
+    )
+    with pytest.raises(SystemExit) as e:
+        hellaswag.main(["--checkpoint", str(ckpt), "--data-dir", str(hella), "--device", "cpu"])
+    assert e.value.code == 1
+    assert capsys.readouterr() == (
+        "",
+        f"error: the longest example has {longest} tokens, more than the model's block_size 8\n",
+    )
 
 
 def test_missing_data_is_one_error_line(model, tmp_path, capsys, monkeypatch):
@@ -245,7 +351,7 @@ def test_missing_data_is_one_error_line(model, tmp_path, capsys, monkeypatch):
     out, err = capsys.readouterr()
     assert out == "" and err.count("\n") == 1
     assert err.startswith(f"error: HellaSwag val data: {empty / 'hellaswag_val.jsonl'} is missing and ")
-    assert os.listdir(empty) == []  # no partial download left behind
+    assert not empty.exists() or os.listdir(empty) == []  # no partial download left behind
 
 
 def test_train_gpt_with_missing_hellaswag_fails_before_training(shards, tmp_path, capsys, monkeypatch):
@@ -258,15 +364,16 @@ def test_train_gpt_with_missing_hellaswag_fails_before_training(shards, tmp_path
         train_gpt.main([*args, "--max-steps", "3", "--device", "cpu"])
     assert e.value.code == 1
     out, err = capsys.readouterr()
-    assert "step " not in out and not (tmp_path / "log").exists()
+    assert not [line for line in out.splitlines() if line.startswith(("step ", "validation", "hellaswag"))]
     assert err.startswith(f"error: HellaSwag val data: {empty / 'hellaswag_val.jsonl'} is missing and ")
     assert err.count("\n") == 1
+    # a data problem shows before the run takes its log dir (the lock, an emptied log.txt)
+    assert not (tmp_path / "log").exists(), sorted(p.name for p in (tmp_path / "log").iterdir())
 
 
+@pytest.mark.slow
 def test_train_gpt_hellaswag_every_logs_the_scores_of_its_model(shards, tmp_path):
-    hella = tmp_path / "hella"
-    hella.mkdir()
-    (hella / "hellaswag_val.jsonl").write_text("".join(json.dumps(ex) + "\n" for ex in TEXT_EXAMPLES))
+    hella = write_examples(tmp_path / "hella", TEXT_EXAMPLES)
     log = tmp_path / "log"
     args = [*TINY, "--hellaswag-every", "2", "--hellaswag-dir", str(hella), "--data-dir", str(shards)]
     args += ["--log-dir", str(log), "--seq-len", "32", "--batch-size", "2", "--total-batch-size", "64"]
@@ -279,25 +386,31 @@ def test_train_gpt_hellaswag_every_logs_the_scores_of_its_model(shards, tmp_path
     assert [float(x) for *_, x in hella_log] == [float(FINAL_LINE.fullmatch(line).group(1)) for line in lines]
 
     # the last score is that of the final checkpoint, recomputed by hand
-    final = train_gpt.model_from_checkpoint(train_gpt.load_checkpoint(str(log / "model_00003.pt"))).eval()
+    path = str(log / "model_00003.pt")
+    final = train_gpt.model_from_checkpoint(train_gpt.load_checkpoint(path), path).eval()
     enc = train_gpt.get_tokenizer()
     rendered = [train_gpt.render_hellaswag(ex, enc) for ex in TEXT_EXAMPLES]
     acc_norm, acc = accuracies(hand_preds(final, rendered), rendered)
     assert lines[-1] == f"hellaswag: acc_norm={acc_norm:.4f} acc={acc:.4f} n=3"
 
 
+NEITHER = "pass exactly one of --checkpoint PATH or --model (a .pt, an HF GPT-2 folder or gpt2...)"
+
+
 @pytest.mark.parametrize(
     "argv, error",
     [
-        ([], "pass exactly one of --checkpoint PATH or --model gpt2|gpt2-medium|gpt2-large|gpt2-xl|HF_DIR"),
-        (
-            ["--checkpoint", "x.pt", "--model", "gpt2"],
-            "pass exactly one of --checkpoint PATH or --model gpt2|gpt2-medium|gpt2-large|gpt2-xl|HF_DIR",
-        ),
+        ([], NEITHER),
+        (["--checkpoint", "x.pt", "--model", "gpt2"], NEITHER),
         (["--checkpoint", "no/such.pt"], "no/such.pt: no such checkpoint"),
+        (["--model", "no/such.pt"], "no/such.pt: no such checkpoint"),
+        (
+            ["--checkpoint", "model.bin"],
+            "--checkpoint model.bin: expected a .pt file of train_gpt.py; use --model for others",
+        ),
         (
             ["--model", "gpt3"],
-            "--model 'gpt3' is not a GPT-2 name (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a Hugging Face GPT-2 folder",
+            "'gpt3' is not a .pt checkpoint, an HF GPT-2 folder or a GPT-2 name (gpt2, gpt2-medium, gpt2-large, gpt2-xl)",
         ),
     ],
 )
@@ -312,14 +425,12 @@ def test_bad_model_flags_are_one_error_line_before_any_data(argv, error, capsys,
 
 
 def test_not_a_checkpoint_is_one_error_line(capsys, tmp_path):
-    hella = tmp_path / "hella"
-    hella.mkdir()
-    (hella / "hellaswag_val.jsonl").write_text(json.dumps(TEXT_EXAMPLES[0]) + "\n")
+    hella = write_examples(tmp_path / "hella", TEXT_EXAMPLES[:1])
     torch.save({"weights": 1}, tmp_path / "other.pt")
     with pytest.raises(SystemExit) as e:
         hellaswag.main(["--checkpoint", str(tmp_path / "other.pt"), "--data-dir", str(hella), "--device", "cpu"])
     assert e.value.code == 1
-    assert (
-        capsys.readouterr().err
-        == f"error: {tmp_path / 'other.pt'}: not a train_gpt.py checkpoint (no 'model' and 'config' entries)\n"
+    assert capsys.readouterr() == (
+        "",
+        f"error: {tmp_path / 'other.pt'}: not a train_gpt.py checkpoint (no model, config; a bare state dict?)\n",
     )

@@ -4,6 +4,9 @@ Every run uses the tiny model on random-token shards, float32 on CPU, so a resum
 uninterrupted reference bit for bit (compared as the printed 6-decimal strings), and a 2-process run must
 match one process with twice the gradient accumulation to float rounding. Processes start in their own
 session so that a watchdog, and the cleanup after every test, can kill a whole torchrun tree.
+
+Every test that needs a training run in a subprocess (all but the refusals at the end, which build their
+checkpoint in this process) is marked slow.
 """
 
 import os
@@ -17,7 +20,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -41,7 +44,9 @@ COMMON = [
 ]  # fmt: skip
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 STEP_RE = re.compile(r"^step\s+(\d+) \| loss: (\S+) \| lr (\S+) \|", re.M)
-RESUMED_RE = re.compile(r"^resuming from (\S+) at step (\d+)$", re.M)
+RESTORED_RE = re.compile(r"^resume: restored the run's flags from (\S+\.pt): (.*)$", re.M)
+RESUMED_RE = re.compile(r"^resuming at step (\d+)$", re.M)
+TMP_RE = re.compile(r"model_(\d{5,})\.pt\.tmp")
 STOPPED_RE = re.compile(r"^stopped at step (\d+): checkpoint written to (\S+); continue with --resume$", re.M)
 
 
@@ -55,12 +60,27 @@ def loss_strings(stdout: str) -> dict[int, str]:
     return {int(m.group(1)): m.group(2) for m in STEP_RE.finditer(stdout)}
 
 
+def resumed_from(stdout: str) -> tuple[str, int]:
+    """(checkpoint path, step) of a resumed run: each of its two lines printed exactly once (by rank 0 alone)."""
+    restored, resumed = RESTORED_RE.findall(stdout), RESUMED_RE.findall(stdout)
+    assert len(restored) == len(resumed) == 1, stdout
+    return restored[0][0], int(resumed[0])
+
+
+def restored_flags(stdout: str) -> dict[str, str]:
+    """name -> value of the flags the `resume: restored the run's flags` line lists (empty if all were defaults)."""
+    (listed,) = [m.group(2) for m in RESTORED_RE.finditer(stdout)]
+    if listed == "all were the defaults":
+        return {}
+    return dict(item.split("=", 1) for item in listed.split(", "))
+
+
 def read_log(log: Path) -> list[str]:
     return (log / "log.txt").read_text().splitlines()
 
 
 def listing(log: Path) -> set[str]:
-    """The checkpoints and temp files in a log dir (and log.txt), not the plots."""
+    """The checkpoints and temp files in a log dir (and log.txt), not the plots or the run's train.lock."""
     return {p.name for p in log.iterdir() if p.name.startswith("model_") or p.name == "log.txt"}
 
 
@@ -164,6 +184,7 @@ def ref(tmp_path_factory) -> Reference:
     assert sorted(losses) == list(range(12))
     assert len(set(losses.values())) > 6, "the losses barely move; the comparisons would prove little"
     assert sorted(n for n in listing(log) if n.startswith("model_")) == [f"model_{s:05d}.pt" for s in (4, 8, 12)]
+    assert (log / "train.lock").is_file()  # the run's lock; the OS released it when the process ended
     return Reference(data, log, r.stdout, losses, read_log(log))
 
 
@@ -174,7 +195,7 @@ def copy_run(ref: Reference, dest: Path) -> Path:
 
 def step_loss(ckpt: dict, data: Path) -> float:
     """The loss the training loop reports for the step after ckpt: its two micro-batches, accumulated as there."""
-    model = train_gpt.model_from_checkpoint(ckpt)
+    model = train_gpt.model_from_checkpoint(ckpt, "<checkpoint>")
     loader = train_gpt.DataLoaderLite(4, 32, 0, 1, "train", data_dir=str(data))
     loader.load_state_dict(ckpt["train_loader"])
     total = torch.zeros(())
@@ -189,6 +210,7 @@ def step_loss(ckpt: dict, data: Path) -> float:
 # what a checkpoint holds
 
 
+@pytest.mark.slow
 def test_checkpoint_holds_everything_to_resume(ref):
     ckpt = torch.load(ref.log / "model_00004.pt", map_location="cpu", weights_only=True)
     assert set(ckpt) == {
@@ -196,10 +218,15 @@ def test_checkpoint_holds_everything_to_resume(ref):
     }  # fmt: skip
     assert ckpt["step"] == 4 and ckpt["periodic_done"] is True
     assert ckpt["config"] == {"block_size": 1024, "vocab_size": 50304, "n_layer": 2, "n_head": 2, "n_embd": 32}
-    expected_args = vars(train_gpt.parse_args(cli(ref.data, ref.log)[1:]))
-    assert ckpt["args"] == expected_args
+    cfg, _ = train_gpt.parse_args(cli(ref.data, ref.log)[1:])
+    assert ckpt["args"] == asdict(cfg)
     # rank 0's next global window: 4 steps x 2 micro-batches
     assert (ckpt["train_loader"]["position"], ckpt["train_loader"]["window_tokens"]) == (8, 128)
+    # and what --resume checks to be sure it continues on the same data: each train shard's name, size, content
+    shards = ckpt["train_loader"]["shards"]
+    assert [(name, n) for name, n, _ in shards] == [("test_train_000001.npy", 5000), ("test_train_000002.npy", 5000)]
+    assert [fp for _, _, fp in shards] == [train_gpt.shard_fingerprint(str(ref.data / name)) for name, _, _ in shards]
+    assert shards[0][2] != shards[1][2]
     assert f"4 val {ckpt['val_loss']:.4f}" in ref.log_lines
     assert isinstance(ckpt["rng"]["torch"], torch.Tensor) and ckpt["rng"]["cuda"] == []
     # a clean state dict (no DDP "module." or compile "_orig_mod." prefixes) and a full AdamW state
@@ -240,6 +267,7 @@ def check_two_ranks(stdout: str, log: Path, ref: Reference, steps: range) -> Non
           f"max |weight diff| at step {steps.stop} {weight_diff:.3g}")  # fmt: skip
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one(ref, tmp_path):
     log = tmp_path / "log"
     args = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
@@ -249,6 +277,7 @@ def test_torchrun_two_processes_match_one(ref, tmp_path):
     assert sorted(n for n in listing(log) if n.startswith("model_")) == ["model_00004.pt"]
 
 
+@pytest.mark.slow
 def test_torchrun_resumes_a_one_process_checkpoint(ref, tmp_path):
     """Half of the GPUs gone or doubled: a 1-process checkpoint continues on 2 ranks with the same global batch."""
     log = copy_run(ref, tmp_path / "log")
@@ -256,10 +285,12 @@ def test_torchrun_resumes_a_one_process_checkpoint(ref, tmp_path):
     args = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
     with python(*args, *cli(ref.data, log, "--resume", "--eval-steps", "1")) as run:
         assert run.finish() == 0, run.report()
-    assert RESUMED_RE.findall(run.stdout) == [(str(log / "model_00008.pt"), "8")]  # printed once, by rank 0
+    assert resumed_from(run.stdout) == (str(log / "model_00008.pt"), 8)  # printed once, by rank 0
+    assert restored_flags(run.stdout) == {}  # every flag was given again, as the reference's
     check_two_ranks(run.stdout, log, ref, range(8, 12))
 
 
+@pytest.mark.slow
 def test_two_nodes_on_localhost_match_one(ref, tmp_path):
     log = tmp_path / "log"
     port = free_port()
@@ -285,6 +316,7 @@ def test_two_nodes_on_localhost_match_one(ref, tmp_path):
 # interrupted runs resume exactly
 
 
+@pytest.mark.slow
 def test_kill9_then_resume_reproduces_the_uninterrupted_run(ref, tmp_path):
     log = tmp_path / "log"
     with python(*cli(ref.data, log)) as run:
@@ -296,8 +328,7 @@ def test_kill9_then_resume_reproduces_the_uninterrupted_run(ref, tmp_path):
     assert "model_00004.pt" in listing(log) and "model_00012.pt" not in listing(log), "the run was not cut short"
 
     r = run_ok(*cli(ref.data, log, "--resume"))
-    path, start = RESUMED_RE.search(r.stdout).groups()
-    start = int(start)
+    path, start = resumed_from(r.stdout)
     # step 8's checkpoint exists only if the kill came late; either way the newest one is used
     assert start in (4, 8) and path == str(log / f"model_{start:05d}.pt")
     resumed = loss_strings(r.stdout)
@@ -307,6 +338,7 @@ def test_kill9_then_resume_reproduces_the_uninterrupted_run(ref, tmp_path):
     print(f"resumed at step {start}; max |loss difference| vs uninterrupted: 0 (strings equal)")
 
 
+@pytest.mark.slow
 def test_sigterm_and_sigint_checkpoint_exit_0_and_resume_exactly(ref, tmp_path):
     log = tmp_path / "log"
     losses: dict[int, str] = {}
@@ -315,7 +347,8 @@ def test_sigterm_and_sigint_checkpoint_exit_0_and_resume_exactly(ref, tmp_path):
         extra = ["--resume"] if start else []
         with python(*cli(ref.data, log, *extra)) as run:
             if start:
-                assert run.wait_line(RESUMED_RE.pattern).groups() == (str(log / f"model_{start:05d}.pt"), str(start))
+                assert run.wait_line(RESTORED_RE.pattern).group(1) == str(log / f"model_{start:05d}.pt")
+                assert run.wait_line(RESUMED_RE.pattern).group(1) == str(start)
             # the signal goes in after a step line, a step or more into this run
             run.wait_line(rf"^step\s+{after if after is not None else start + 1} \|")
             run.p.send_signal(sig)
@@ -337,7 +370,7 @@ def test_sigterm_and_sigint_checkpoint_exit_0_and_resume_exactly(ref, tmp_path):
         start = stop
 
     r = run_ok(*cli(ref.data, log, "--resume"))
-    assert RESUMED_RE.search(r.stdout).groups() == (str(log / f"model_{start:05d}.pt"), str(start))
+    assert resumed_from(r.stdout) == (str(log / f"model_{start:05d}.pt"), start)
     losses.update(loss_strings(r.stdout))
     assert losses == ref.losses
     assert read_log(log) == ref.log_lines
@@ -347,6 +380,7 @@ def test_sigterm_and_sigint_checkpoint_exit_0_and_resume_exactly(ref, tmp_path):
 # torn and corrupt checkpoints
 
 
+@pytest.mark.slow
 def test_partial_tmp_and_corrupt_checkpoints_are_skipped(ref, tmp_path, capsys):
     log = copy_run(ref, tmp_path / "log")
     # a write killed midway leaves a partial temp file, never a partial model_*.pt ...
@@ -360,12 +394,13 @@ def test_partial_tmp_and_corrupt_checkpoints_are_skipped(ref, tmp_path, capsys):
     path, ckpt = train_gpt.latest_checkpoint(str(log))
     assert path == str(log / "model_00004.pt") and ckpt["step"] == 4
     warning = capsys.readouterr().err
-    assert warning.startswith(f"warning: skipping {log / 'model_00008.pt'}: not a readable checkpoint (")
-    assert warning.count("\n") == 1
+    assert warning.startswith(f"skipping {log / 'model_00008.pt'}: not a readable checkpoint (")
+    assert warning.count("\n") == 1  # the temp file is not a checkpoint, so not even skipped
 
     r = run_ok(*cli(ref.data, log, "--resume"))
-    assert r.stderr.startswith(f"warning: skipping {log / 'model_00008.pt'}: not a readable checkpoint (")
-    assert RESUMED_RE.search(r.stdout).groups() == (str(log / "model_00004.pt"), "4")
+    assert r.stderr.startswith(f"skipping {log / 'model_00008.pt'}: not a readable checkpoint (")
+    assert r.stderr.count("skipping ") == 1
+    assert resumed_from(r.stdout) == (str(log / "model_00004.pt"), 4)
     assert loss_strings(r.stdout) == {s: ref.losses[s] for s in range(4, 12)}
     assert read_log(log) == ref.log_lines
     # the run rewrote both damaged checkpoints, identical to the reference's, and left no temp file
@@ -377,31 +412,37 @@ def test_partial_tmp_and_corrupt_checkpoints_are_skipped(ref, tmp_path, capsys):
         assert new["train_loader"] == old["train_loader"] and new["step"] == step
 
 
+@pytest.mark.slow
 def test_keep_last_never_deletes_the_checkpoint_just_written(ref, tmp_path):
     log = tmp_path / "log"
     log.mkdir()
     shutil.copy(ref.log / "model_00008.pt", log)
     (log / "model_00012.pt").write_bytes((ref.log / "model_00012.pt").read_bytes()[:4096])  # damaged
     r = run_ok(*cli(ref.data, log, "--resume", "--keep-last", "1", "--max-steps", "10", "--eval-every", "0"))
-    assert RESUMED_RE.search(r.stdout).groups() == (str(log / "model_00008.pt"), "8")
+    assert resumed_from(r.stdout) == (str(log / "model_00008.pt"), 8)
+    assert r.stderr.startswith(f"skipping {log / 'model_00012.pt'}: not a readable checkpoint (")
     # a crash now must be able to continue from step 10, not find nothing but the damaged file
     path, ckpt = train_gpt.latest_checkpoint(str(log))
     assert path == str(log / "model_00010.pt") and ckpt["step"] == 10
 
 
+@pytest.mark.slow
 def test_kill9_during_checkpoint_writes_always_leaves_a_resumable_run(ref, tmp_path, capsys):
-    """Saves every step; kill -9 as soon as a temp checkpoint appears (+ a random delay), resume, repeat."""
+    """Saves every step; kill -9 as soon as a temp checkpoint appears (+ a random delay), resume, repeat.
+
+    The first kill comes with no delay, so it lands mid-write; the test insists that at least one kill did
+    tear a write (left its temp file behind), or it would only have shown that kills between saves are safe."""
     log = tmp_path / "log"
     log.mkdir()  # polled before the run creates it
     flags = cli(ref.data, log, "--save-every", "1", "--keep-last", "2", "--eval-every", "0")
     delays = random.Random(0)
     losses: dict[int, str] = {}
-    start, torn = 0, 0
+    start, torn = 0, []
     for i in range(3):
         with python(*flags, *(["--resume"] if i else [])) as run:
             target = start + 2  # one step trained after the resume, then a kill while step start+2 (or later) saves
             while run.p.poll() is None and not any(
-                (m := re.fullmatch(r"model_(\d{5})\.pt\.tmp", n)) and int(m.group(1)) >= target for n in os.listdir(log)
+                (m := TMP_RE.fullmatch(n)) and int(m.group(1)) >= target for n in os.listdir(log)
             ):
                 time.sleep(0.002)
             time.sleep(0 if i == 0 else delays.uniform(0, 0.1))
@@ -410,7 +451,8 @@ def test_kill9_during_checkpoint_writes_always_leaves_a_resumable_run(ref, tmp_p
         got = loss_strings(run.stdout)
         assert got == {s: ref.losses[s] for s in got}
         losses.update(got)
-        torn += any(n.endswith(".tmp") for n in os.listdir(log))
+        # a temp file of this run's saves (an older one was rewritten by the resume) is a torn write
+        torn += [n for n in os.listdir(log) if (m := TMP_RE.fullmatch(n)) and int(m.group(1)) >= target]
         # every finished-named file is whole: the rename is the commit point
         for n in sorted(os.listdir(log)):
             if n.endswith(".pt"):
@@ -420,14 +462,16 @@ def test_kill9_during_checkpoint_writes_always_leaves_a_resumable_run(ref, tmp_p
         assert ckpt["step"] >= target - 1
         start = ckpt["step"]
 
+    # the scenario happened: at least one kill -9 interrupted a checkpoint write
+    assert torn, "no kill landed mid-write: every kill found the temp checkpoint already renamed"
     r = run_ok(*flags, "--resume")
-    assert RESUMED_RE.search(r.stdout).groups() == (str(log / f"model_{start:05d}.pt"), str(start))
+    assert resumed_from(r.stdout) == (str(log / f"model_{start:05d}.pt"), start)
     losses.update(loss_strings(r.stdout))
     assert losses == ref.losses
     assert read_log(log) == [line for line in ref.log_lines if " train " in line]
     # --keep-last 2: the two newest, no temp file left behind
     assert listing(log) == {"log.txt", "model_00011.pt", "model_00012.pt"}
-    print(f"{torn} of 3 kills left a torn temp checkpoint")
+    print(f"{len(torn)} of 3 kills left a torn temp checkpoint: {torn}")
 
 
 # -----------------------------------------------------------------------------

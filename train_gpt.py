@@ -33,7 +33,7 @@ import socket
 import sys
 import time
 import urllib.request
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -42,7 +42,11 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_optimizer_state_dict
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.checkpoint import checkpoint as recompute_in_backward
 from tqdm import tqdm
 
 from fineweb import (
@@ -146,6 +150,8 @@ class TrainConfig:
     compile: bool = flag(False, "torch.compile the model")
     chunked_loss: bool = flag(True, "never build the full B*T*V logits")
     fused_adamw: bool = flag(True, "fused AdamW kernels (CUDA, CPU)")
+    fsdp: bool = flag(False, "under torchrun, shard weights, gradients and optimizer state (FSDP2) instead of DDP")
+    activation_checkpointing: bool = flag(False, "recompute each block in the backward pass: less memory, more compute")
     seed: int = flag(1337, "seed of the init, the data shuffle and sampling", lo=0, hi=2**63 - 1)
     # benchmark mode: time this many steps after a warmup, then exit
     benchmark_steps: int = flag(0, "time N steps on synthetic tokens, print tok/s, memory, MFU, exit", lo=0, hi=10**6)
@@ -160,7 +166,7 @@ class TrainConfig:
 RESUME_MAY_CHANGE = {
     "data_dir", "log_dir", "resume", "max_steps", "eval_every", "eval_steps", "sample_every", "save_every",
     "hellaswag_every", "hellaswag_dir", "keep_last", "device", "dtype", "compile", "chunked_loss", "fused_adamw",
-    "batch_size", "inject_nan_steps", "wandb", "wandb_run_name",
+    "batch_size", "inject_nan_steps", "wandb", "wandb_run_name", "fsdp", "activation_checkpointing",
 }  # fmt: skip
 NOT_RESTORED = {"log_dir", "resume", "inject_nan_steps", "benchmark_steps", "benchmark_warmup", "plot"}
 
@@ -190,6 +196,12 @@ def check_config(cfg: TrainConfig, given: set[str]) -> None:
         raise UserError(f"--init-from {cfg.init_from} takes its shape from the source; drop {names}")
     if cfg.resume and cfg.benchmark_steps:
         raise UserError("--benchmark-steps times a fresh model; drop --resume")
+    if cfg.fsdp and "RANK" not in os.environ:
+        raise UserError("--fsdp shards over the processes of a torchrun job; launch with torchrun, or drop --fsdp")
+    if cfg.fsdp and cfg.optimizer == "muon":
+        raise UserError("--optimizer muon needs whole matrices, which --fsdp shards; use DDP (drop --fsdp) or adamw")
+    if cfg.fsdp and cfg.dtype == "float16":
+        raise UserError("--fsdp trains in bfloat16 or float32; float16 would need a sharded GradScaler")
     if cfg.wandb and importlib.util.find_spec("wandb") is None:
         raise UserError("--wandb needs the wandb package: pip install wandb")
     if not cfg.init_from:
@@ -286,6 +298,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # GPT-2 ties input and output embeddings
         self.loss_chunk_size: int | None = None  # logits rows alive at once in the loss; None: by device, 0: all
+        self.activation_checkpointing = False  # recompute each block's activations in the backward pass
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -314,7 +327,10 @@ class GPT(nn.Module):
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C) + (T, C)
         x = F.dropout(x, self.config.dropout, self.training)
         for layer, block in enumerate(self.transformer.h):
-            x = block(x, cache, layer)
+            if self.activation_checkpointing and self.training and cache is None:
+                x = recompute_in_backward(block, x, use_reentrant=False)  # keeps only x, not the block's insides
+            else:
+                x = block(x, cache, layer)
         if cache is not None:
             cache.pos += T
         return self.transformer.ln_f(x)
@@ -1215,6 +1231,9 @@ def list_checkpoints(log_dir: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
+FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors, on rank 0's CPU
+
+
 def checkpoint_state(
     step: int,
     periodic_done: bool,
@@ -1226,10 +1245,14 @@ def checkpoint_state(
     train_loader: DataLoaderLite,
     wandb_id: str | None = None,
 ) -> dict:
-    """Everything a run needs to continue exactly: restore_state() puts each piece back."""
+    """Everything a run needs to continue exactly: restore_state() puts each piece back. One format
+    whatever the parallelism (torch's full state dicts, optimizer state keyed by parameter name), so a
+    run saved under DDP resumes under FSDP and the other way round. Under FSDP every rank must call
+    it: the shards are gathered to rank 0, which then holds the whole state in host memory."""
+    model_state, optimizer_state = get_state_dict(model, optimizers, options=FULL_STATE)
     return {
-        "model": model.state_dict(),
-        "optimizer": [o.state_dict() for o in optimizers],
+        "model": model_state,
+        "optimizer": optimizer_state,
         "config": asdict(model.config),
         "args": asdict(cfg),
         "step": step,
@@ -1247,15 +1270,18 @@ def checkpoint_state(
 
 def restore_state(
     checkpoint: dict,
+    model: GPT,
     optimizers: list[torch.optim.Optimizer],
     scaler: torch.amp.GradScaler,
     train_loader: DataLoaderLite,
 ) -> tuple[int, bool, float | None]:
     """Put back what checkpoint_state() saved (the model is built from it already): (step, periodic_done, val_loss)."""
     train_loader.load_state_dict(checkpoint["train_loader"])
-    states = checkpoint["optimizer"]
-    for optimizer, state in zip(optimizers, [states] if isinstance(states, dict) else states, strict=True):
-        optimizer.load_state_dict(state)  # (checkpoints of older versions hold one AdamW state, not a list)
+    state = checkpoint["optimizer"]
+    if state["param_groups"] and isinstance(state["param_groups"][0]["params"][0], int):
+        optimizers[0].load_state_dict(state)  # an older version's checkpoint: one AdamW, keyed by position
+    else:
+        set_optimizer_state_dict(model, optimizers, state, options=StateDictOptions(full_state_dict=True))
     scaler.load_state_dict(checkpoint["scaler"])
     torch.set_rng_state(checkpoint["rng"]["torch"])
     if torch.cuda.is_available() and checkpoint["rng"]["cuda"]:
@@ -1501,6 +1527,33 @@ def setup_distributed(rt: Runtime) -> Dist:
     return d
 
 
+def shard_model(model: GPT, rt: Runtime) -> None:
+    """FSDP2, in place: each block is one group of sharded weights and the root (embeddings, whose
+    wte is also lm_head, and ln_f) another. On CUDA, bf16 weights and compute with float32 gradient
+    reduction replace autocast; on CPU it stays float32."""
+    mp = MixedPrecisionPolicy(param_dtype=rt.dtype, reduce_dtype=torch.float32) if rt.device_type == "cuda" else None
+    for block in model.transformer.h:
+        fully_shard(block, reshard_after_forward=True, **({"mp_policy": mp} if mp else {}))
+    fully_shard(model, reshard_after_forward=False, **({"mp_policy": mp} if mp else {}))
+
+
+@contextmanager
+def gathered(model: nn.Module, enabled: bool = True):
+    """Under FSDP, every weight gathered on every rank for a while (evaluation, sampling), so forward
+    passes need no collectives and rank 0 can sample alone; a no-op for other models. All ranks
+    must enter it together: gathering is a collective."""
+    groups = [m for m in model.modules() if isinstance(m, FSDPModule)] if enabled else []
+    for m in groups:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in groups:
+            m.reshard()
+            m.set_reshard_after_forward(m is not model, recurse=False)  # as shard_model() set them
+
+
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(t)  # gloo has no ReduceOp.AVG: sum, then divide
@@ -1637,7 +1690,9 @@ def train_step(
             x, y = x.pin_memory().to(rt.device, non_blocking=True), y.pin_memory().to(rt.device, non_blocking=True)
         else:
             x, y = x.to(rt.device), y.to(rt.device)
-        if isinstance(model, DDP):  # all-reduce gradients once, on the last micro-step
+        if isinstance(raw_model, FSDPModule):  # reduce gradients once, on the last micro-step
+            raw_model.set_requires_gradient_sync(micro_step == grad_accum - 1)
+        elif isinstance(model, DDP):
             model.require_backward_grad_sync = micro_step == grad_accum - 1
         with rt.autocast():
             _, loss = model(x, y)
@@ -1648,7 +1703,12 @@ def train_step(
         scaler.scale(loss).backward()
     for optimizer in optimizers:
         scaler.unscale_(optimizer)
-    norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+    params = list(raw_model.parameters())
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()  # FSDP: the norm of all the shards' gradients together
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, cfg.grad_clip, norm)
     # one all-reduce and one host sync per step: mean loss, grad norm, and whether any rank must stop
     stats = torch.stack([loss_accum.float(), norm.float(), torch.tensor(float(stop_asked), device=rt.device)])
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -1680,8 +1740,13 @@ def run(cfg: TrainConfig, d: Dist, rt: Runtime, checkpoint: dict | None) -> None
     config = raw_model.config
     grad_accum = check_batch(cfg, d.world_size, config.block_size)
     raw_model.loss_chunk_size = None if cfg.chunked_loss else 0
+    raw_model.activation_checkpointing = cfg.activation_checkpointing
+    if cfg.fsdp:
+        shard_model(raw_model, rt)
+        if rt.device_type == "cuda":
+            rt = Runtime(rt.device, torch.float32)  # FSDP's mixed precision replaces autocast
     model = torch.compile(raw_model) if cfg.compile else raw_model
-    if d.ddp:
+    if d.ddp and not cfg.fsdp:
         model = DDP(model, device_ids=[d.local_rank] if rt.device_type == "cuda" else None)
     opts = raw_model.configure_optimizers(cfg.weight_decay, cfg.max_lr, rt.device_type, cfg.fused_adamw, cfg.optimizer)
     scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == torch.float16)
@@ -1702,7 +1767,7 @@ def run(cfg: TrainConfig, d: Dist, rt: Runtime, checkpoint: dict | None) -> None
     start_step, periodic_done, val_loss, wandb_id = 0, False, None, None
     if checkpoint is not None:
         wandb_id = checkpoint.get("wandb_id")
-        start_step, periodic_done, val_loss = restore_state(checkpoint, opts, scaler, train_loader)
+        start_step, periodic_done, val_loss = restore_state(checkpoint, raw_model, opts, scaler, train_loader)
         checkpoint.clear()  # the loaded copy is ~16 bytes a parameter of host memory: drop it now
         if d.master:
             print(f"resuming at step {start_step}")
@@ -1718,27 +1783,31 @@ def run(cfg: TrainConfig, d: Dist, rt: Runtime, checkpoint: dict | None) -> None
         last = step == cfg.max_steps
         periodic = not (step == start_step and periodic_done)  # a resumed step's evals ran before the save
 
-        # once in a while evaluate our validation loss
-        if periodic and due(step, cfg.eval_every, last):
-            val_loss = evaluate_loss(model, val_loader, cfg.eval_steps, rt)
-            if d.master:
-                print(f"validation loss: {val_loss:.4f} | ppl: {math.exp(min(val_loss, 700)):.2f}")
-            log.write(step, val=val_loss)
-        # once in a while evaluate HellaSwag
-        if periodic and due(step, cfg.hellaswag_every, last):
-            acc_norm, acc, n = evaluate_hellaswag(raw_model, hellaswag, rt, d.rank, d.world_size)
-            if d.master:
-                print(f"hellaswag: acc_norm={acc_norm:.4f} acc={acc:.4f} n={n}")
-            log.write(step, hella=acc_norm)
-        if log.log_file and periodic and (due(step, cfg.eval_every, last) or due(step, cfg.hellaswag_every, last)):
-            draw_curves(log.log_file, is_124m)
-        # once in a while generate from the model (except step 0, which is noise)
-        if d.master and periodic and step > 0 and due(step, cfg.sample_every, last):
-            print_samples(raw_model, enc, rt)
+        evaluating = periodic and (due(step, cfg.eval_every, last) or due(step, cfg.hellaswag_every, last))
+        sampling = periodic and step > 0 and due(step, cfg.sample_every, last)
+        with gathered(raw_model, evaluating or sampling):  # FSDP: whole weights on every rank meanwhile
+            # once in a while evaluate our validation loss
+            if periodic and due(step, cfg.eval_every, last):
+                val_loss = evaluate_loss(model, val_loader, cfg.eval_steps, rt)
+                if d.master:
+                    print(f"validation loss: {val_loss:.4f} | ppl: {math.exp(min(val_loss, 700)):.2f}")
+                log.write(step, val=val_loss)
+            # once in a while evaluate HellaSwag
+            if periodic and due(step, cfg.hellaswag_every, last):
+                acc_norm, acc, n = evaluate_hellaswag(raw_model, hellaswag, rt, d.rank, d.world_size)
+                if d.master:
+                    print(f"hellaswag: acc_norm={acc_norm:.4f} acc={acc:.4f} n={n}")
+                log.write(step, hella=acc_norm)
+            if log.log_file and evaluating:
+                draw_curves(log.log_file, is_124m)
+            # once in a while generate from the model (except step 0, which is noise)
+            if d.master and sampling:
+                print_samples(raw_model, enc, rt)
         # once in a while save a checkpoint (the last step's is the finished model)
-        if d.master and periodic and step > 0 and due(step, cfg.save_every, last):
+        if periodic and step > 0 and due(step, cfg.save_every, last):
             state = checkpoint_state(step, True, val_loss, cfg, raw_model, opts, scaler, train_loader, wandb_id)
-            save_checkpoint(cfg.log_dir, step, state, cfg.keep_last)
+            if d.master:
+                save_checkpoint(cfg.log_dir, step, state, cfg.keep_last)
         if last:
             break
 
@@ -1774,10 +1843,8 @@ def run(cfg: TrainConfig, d: Dist, rt: Runtime, checkpoint: dict | None) -> None
                 f"last good checkpoint: {good[-1][1] if good else 'none'}; lower --max-lr or check the data, then --resume"
             )
         if stopping and not bench:
+            state = checkpoint_state(step + 1, False, val_loss, cfg, raw_model, opts, scaler, train_loader, wandb_id)
             if d.master:
-                state = checkpoint_state(
-                    step + 1, False, val_loss, cfg, raw_model, opts, scaler, train_loader, wandb_id
-                )
                 path = save_checkpoint(cfg.log_dir, step + 1, state, cfg.keep_last)
                 print(f"stopped at step {step + 1}: checkpoint written to {path}; continue with --resume")
             break

@@ -6,11 +6,16 @@ network. Its weights are perturbed away from GPT-2's init (biases and layer norm
 wide embedding) so that a transposed, dropped or misplaced tensor changes the logits, and so that its
 predictions are peaked: its loss is far from the uniform ln(vocab) of a fresh model, and greedy
 decoding has no near-ties.
+
+Exports (sample.py --export-hf) must load in transformers with no network at all: its AutoTokenizer
+encodes as our tiktoken GPT-2 encoding does, and its text-generation pipeline decodes greedily as
+sample.py does.
 """
 
 import json
 import math
 import shutil
+import socket
 from dataclasses import asdict
 from pathlib import Path
 
@@ -20,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from conftest import TINY, run_script, train_losses, write_shards
 
-from fineweb import EOT, get_tokenizer
+import sample
+from fineweb import EOT, get_tokenizer, gpt2_bpe_files
 from train_gpt import (
     GPT,
     GPT2_VOCAB,
@@ -28,7 +34,6 @@ from train_gpt import (
     UserError,
     main,
     read_log,
-    save_checkpoint,
 )
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -38,6 +43,21 @@ TOL = 1e-4  # fp32 max abs logit difference allowed between our GPT and transfor
 PROMPT = "Hello, I'm a language model,"  # sample.py's default
 # a short fine-tuning or training run: one 2 x 32 micro-batch per step
 BATCH = ["--seq-len", "32", "--batch-size", "2", "--total-batch-size", "64", "--warmup-steps", "1"]
+# TINY without its shape flags: --init-from takes the shape from its source and refuses them
+UNSHAPED = ["--hellaswag-every", "0", "--sample-every", "0"]
+EXPORT_FILES = [
+    "config.json",
+    "generation_config.json",
+    "merges.txt",
+    "model.safetensors",
+    "special_tokens_map.json",
+    "tokenizer_config.json",
+    "vocab.json",
+]
+# multilingual, emoji, runs of spaces, tabs and newlines, trailing spaces: where BPE pre-tokenizers differ
+MULTILINGUAL = "Hello  world\n\n\tÜnïcödé 日本語 🙂  <|endoftext|>  trailing   "
+# spaces before punctuation and contractions: what a decoder's "clean-up" would change
+SPACED = "Hello , world . It 's a test ! Isn 't it ? ( yes ) 3 . 5 %"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -61,6 +81,21 @@ def offline():
 @pytest.fixture(scope="module")
 def transformers(offline):
     return pytest.importorskip("transformers")
+
+
+@pytest.fixture
+def no_network(monkeypatch) -> list:
+    """Every DNS lookup and connection attempt fails, and is recorded: a test asserts the list stays empty."""
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("the network is off in this test")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    return attempts
 
 
 def perturb(model: torch.nn.Module, wte: torch.nn.Parameter, seed: int) -> None:
@@ -91,6 +126,38 @@ def ours_padded():
     model = GPT(GPTConfig(block_size=HF_POSITIONS, vocab_size=50304, **HF_SHAPE)).eval()
     perturb(model, model.transformer.wte.weight, seed=1)
     return model
+
+
+@pytest.fixture(scope="module")
+def chatty() -> GPT:
+    """Another of ours, with position embeddings so strong that greedy decoding moves on from token to
+    token instead of repeating one: a continuation that tells a misplaced position or token apart."""
+    torch.manual_seed(6)
+    model = GPT(GPTConfig(block_size=HF_POSITIONS, vocab_size=50304, **HF_SHAPE)).eval()
+    perturb(model, model.transformer.wte.weight, seed=6)
+    with torch.no_grad():
+        model.transformer.wpe.weight.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(6))
+    return model
+
+
+@pytest.fixture(scope="module")
+def exported(chatty, tmp_path_factory):
+    """`sample.py --model model_00010.pt --export-hf DIR` run as a user runs it: (result, the .pt, DIR)."""
+    root = tmp_path_factory.mktemp("export")
+    ckpt = save_tiny_checkpoint(chatty, root / "model_00010.pt", step=10, val_loss=3.25)
+    out = root / "gpt2-ours"
+    return run_script("sample.py", "--model", str(ckpt), "--export-hf", str(out)), ckpt, out
+
+
+def save_tiny_checkpoint(model: GPT, path: Path, **extra) -> Path:
+    """The fields of the trainer's checkpoints that loading reads (plus any extra ones, which it ignores)."""
+    torch.save({"model": model.state_dict(), "config": asdict(model.config), **extra}, path)
+    return path
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under folder, by its path relative to it: its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def tokens(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
@@ -187,19 +254,93 @@ def test_save_pretrained_loads_in_transformers(transformers, ours_padded, tmp_pa
     assert max_diff(our_logits(back, idx), want) <= TOL
 
 
-def test_sample_cli_exports_a_checkpoint(transformers, ours_padded, tmp_path):
-    ckpt = tmp_path / "model_00010.pt"
-    # the fields of the trainer's checkpoints that exporting reads, plus some it does not
-    checkpoint = {"model": ours_padded.state_dict(), "config": asdict(ours_padded.config), "step": 10}
-    save_checkpoint(str(ckpt), {**checkpoint, "val_loss": 3.25})
-    out = tmp_path / "gpt2-ours"
-    r = run_script("sample.py", "--model", str(ckpt), "--export-hf", str(out))
+@pytest.mark.slow
+def test_sample_cli_exports_a_checkpoint(transformers, chatty, exported):
+    r, _, out = exported
     assert r.returncode == 0, r.stderr
-    assert r.stdout == f"wrote {out} (load it with transformers.GPT2LMHeadModel.from_pretrained)\n"
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert r.stdout == f"wrote {out} (transformers' AutoModelForCausalLM and AutoTokenizer load it offline)\n"
+    assert sorted(p.name for p in out.iterdir()) == EXPORT_FILES  # no temp files left behind
+    merges, vocab = gpt2_bpe_files()
+    assert (out / "merges.txt").read_bytes() == merges.read_bytes()
+    assert (out / "vocab.json").read_bytes() == vocab.read_bytes()
     hf = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
     idx = tokens((1, 16), seed=3)
-    assert max_diff(hf_logits(hf, idx), our_logits(ours_padded, idx)[..., :GPT2_VOCAB]) <= TOL
+    assert max_diff(hf_logits(hf, idx), our_logits(chatty, idx)[..., :GPT2_VOCAB]) <= TOL
+
+
+@pytest.mark.slow
+def test_exported_tokenizer_and_model_load_offline(transformers, chatty, exported, no_network):
+    _, _, out = exported
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    enc = get_tokenizer()
+    plain = MULTILINGUAL.replace("<|endoftext|>", "")
+    assert tok(plain)["input_ids"] == enc.encode_ordinary(plain)
+    # HF's GPT-2 tokenizer reads a literal <|endoftext|> in the text as its special token (tiktoken's
+    # encode_ordinary spells it out as plain text): the same as tiktoken with that special allowed
+    ids = tok(MULTILINGUAL)["input_ids"]
+    assert ids == enc.encode(MULTILINGUAL, allowed_special={"<|endoftext|>"}) and ids.count(EOT) == 1
+    assert ids != enc.encode_ordinary(MULTILINGUAL)
+    # decoding gives back the text, spaces before punctuation included
+    for text in (plain, SPACED):
+        assert tok.decode(enc.encode_ordinary(text)) == text
+    assert tok.eos_token_id == tok.bos_token_id == EOT
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(hf).__name__ == "GPT2LMHeadModel"
+    idx = tokens((2, HF_POSITIONS), seed=4)
+    assert max_diff(hf_logits(hf, idx), our_logits(chatty, idx)[..., :GPT2_VOCAB]) <= TOL
+    assert no_network == []
+
+
+@pytest.mark.slow
+def test_pipeline_greedy_text_equals_sample_py(transformers, chatty, exported, no_network, capsys):
+    _, ckpt, out = exported
+    pipe = transformers.pipeline("text-generation", model=str(out))
+    got = pipe(PROMPT, do_sample=False, max_new_tokens=12, return_full_text=False)[0]["generated_text"]
+
+    # the continuation, token by token: non-trivial, clear of near-ties, no <|endoftext|> for HF to stop at
+    prompt = get_tokenizer().encode_ordinary(PROMPT)
+    new = chatty.generate(torch.tensor([prompt]), 12, temperature=0)[0, len(prompt) :]
+    logits = our_logits(chatty, torch.tensor([prompt + new.tolist()]))[0, len(prompt) - 1 : -1, :GPT2_VOCAB]
+    top2 = logits.topk(2).values
+    assert (top2[:, 0] - top2[:, 1]).min() > 1e-2  # 100x the logits' float error: no argmax can flip
+    assert EOT not in new.tolist() and len(set(new.tolist())) >= 8
+    assert got == get_tokenizer().decode(new.tolist()) and got.strip()
+
+    flags = ["--temperature", "0", "--max-new-tokens", "12", "--num-samples", "1", "--no-stop-at-eot"]
+    for source in (ckpt, out):  # the trainer's checkpoint and its export decode alike
+        sample.main(["--model", str(source), *flags, "--device", "cpu", "--dtype", "float32"])
+        assert capsys.readouterr().out == f"--- sample 0\n{PROMPT}{got}\n"
+    assert no_network == []
+
+
+def test_export_into_a_non_empty_folder_is_refused(chatty, tmp_path, capsys):
+    ckpt = save_tiny_checkpoint(chatty, tmp_path / "model_00010.pt")
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "config.json").write_text('{"mine": true}')
+    (taken / "notes.txt").write_bytes(b"not yours\n")
+    a_file = tmp_path / "a_file"
+    a_file.write_bytes(b"a file, not a folder")
+    before = snapshot(tmp_path)
+    for target in (taken, a_file):
+        with pytest.raises(SystemExit) as e:
+            sample.main(["--model", str(ckpt), "--export-hf", str(target)])
+        assert e.value.code == 1
+        assert capsys.readouterr() == (
+            "",
+            f"error: --export-hf {target} already exists and is not an empty folder; choose a new one\n",
+        )
+    assert snapshot(tmp_path) == before and snapshot(taken) == {
+        "config.json": b'{"mine": true}',
+        "notes.txt": b"not yours\n",
+    }
+
+    empty = tmp_path / "empty"  # an empty folder is as good as a new one
+    empty.mkdir()
+    sample.main(["--model", str(ckpt), "--export-hf", str(empty)])
+    assert capsys.readouterr().out.startswith(f"wrote {empty} ")
+    assert sorted(p.name for p in empty.iterdir()) == EXPORT_FILES
 
 
 # -----------------------------------------------------------------------------
@@ -213,8 +354,8 @@ def finetune(hf_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("finetune")
     val, train, _ = write_shards(root / "data")
     log_dir = root / "log"
-    # TINY's shape flags describe another model; --init-from takes the shape from the HF folder
-    args = [*TINY, *BATCH, "--init-from", str(path), "--data-dir", str(root / "data"), "--log-dir", str(log_dir)]
+    # the shape comes from the HF folder: --init-from refuses shape flags
+    args = [*UNSHAPED, *BATCH, "--init-from", str(path), "--data-dir", str(root / "data"), "--log-dir", str(log_dir)]
     r = run_script("train_gpt.py", *args, "--max-steps", "2", "--eval-every", "2", "--eval-steps", "2")
     return r, val, train, log_dir, args
 
@@ -227,11 +368,12 @@ def hf_loss(hf, window: np.ndarray) -> float:
     return F.cross_entropy(hf(x).logits.flatten(0, 1), y.flatten()).item()
 
 
+@pytest.mark.slow
 def test_init_from_hf_folder_starts_from_its_weights(hf_model, finetune):
     hf, _ = hf_model
     r, val, train, log_dir, _ = finetune
     assert r.returncode == 0, r.stderr
-    assert "{'block_size': 64, 'vocab_size': 50257, 'n_layer': 2, 'n_head': 2, 'n_embd': 32}" in r.stdout
+    assert "{'block_size': 64, 'vocab_size': 50257, 'n_layer': 2, 'n_head': 2, 'n_embd': 32" in r.stdout
     # step-0 validation: the mean over --eval-steps 2 of val windows 0 and 1 (B*T = 64 tokens apart)
     want_val = (hf_loss(hf, val[0:65]) + hf_loss(hf, val[64:129])) / 2
     assert abs(want_val - math.log(50304)) > 1.0  # so a fresh model's ~ln(V) cannot pass for it
@@ -247,6 +389,7 @@ def test_init_from_hf_folder_starts_from_its_weights(hf_model, finetune):
     assert (log_dir / "model_00002.pt").is_file()
 
 
+@pytest.mark.slow
 def test_init_from_run_resumes(finetune, tmp_path):
     r, _, _, log_dir, args = finetune
     assert r.returncode == 0, r.stderr
@@ -255,7 +398,8 @@ def test_init_from_run_resumes(finetune, tmp_path):
     args = [a if a != str(log_dir) else str(resumed) for a in args]
     r2 = run_script("train_gpt.py", *args, "--max-steps", "3", "--eval-every", "2", "--eval-steps", "2", "--resume")
     assert r2.returncode == 0, r2.stderr
-    assert f"resuming from {resumed / 'model_00002.pt'} at step 2" in r2.stdout
+    assert f"resume: restored the run's flags from {resumed / 'model_00002.pt'}: " in r2.stdout
+    assert "resuming at step 2" in r2.stdout
     assert sorted(train_losses(r2.stdout)) == [2]
 
 
@@ -307,6 +451,7 @@ def expected_sample_stdout(model: GPT, n: int, max_new: int, seed: int, temperat
     return text.replace("\r\n", "\n").replace("\r", "\n")  # as text-mode pipes read it
 
 
+@pytest.mark.slow
 def test_sample_cli_is_reproducible(hf_model):
     _, path = hf_model
     args = ["sample.py", "--model", str(path), "--seed", "1", "--max-new-tokens", "10", "--num-samples", "2"]
@@ -319,6 +464,7 @@ def test_sample_cli_is_reproducible(hf_model):
     assert len(samples) == 2 and samples[0][1:] != samples[1][1:]
 
 
+@pytest.mark.slow
 def test_sample_cli_greedy_samples_are_identical(hf_model):
     _, path = hf_model
     r = run_script(
@@ -336,6 +482,7 @@ def test_sample_cli_greedy_samples_are_identical(hf_model):
 # curves.png
 
 
+@pytest.mark.slow
 def test_training_run_draws_curves_png(shards, tmp_path):
     log_dir = tmp_path / "log"
     r = run_script(
@@ -355,8 +502,9 @@ def test_training_run_draws_curves_png(shards, tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert "could not draw" not in r.stderr
-    assert read_log(str(log_dir / "log.txt"))["val"][0] == [0, 2, 4]
-    check_png(log_dir / "curves.png", panels=2)  # no HellaSwag stream, so no third panel
+    log = read_log(str(log_dir / "log.txt"))
+    assert log["val"][0] == [0, 2, 4] and log["lr"][0] == [0, 1, 2, 3] and "hella" not in log
+    check_png(log_dir / "curves.png", panels=3)  # loss, val perplexity, learning rate; no HellaSwag panel
 
 
 # build-nanogpt's log.txt: at each eval step its val line, then hella, then the step's train line
@@ -373,6 +521,7 @@ NANOGPT_LOG = """\
 """
 
 
+@pytest.mark.slow
 def test_plot_mode_reads_a_build_nanogpt_log(tmp_path):
     log = tmp_path / "run" / "log.txt"
     log.parent.mkdir()

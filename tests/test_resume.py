@@ -223,10 +223,10 @@ def test_checkpoint_holds_everything_to_resume(ref):
     # rank 0's next global window: 4 steps x 2 micro-batches
     assert (ckpt["train_loader"]["position"], ckpt["train_loader"]["window_tokens"]) == (8, 128)
     # and what --resume checks to be sure it continues on the same data: each train shard's name, size, content
-    shards = ckpt["train_loader"]["shards"]
-    assert [(name, n) for name, n, _ in shards] == [("test_train_000001.npy", 5000), ("test_train_000002.npy", 5000)]
-    assert [fp for _, _, fp in shards] == [train_gpt.shard_fingerprint(str(ref.data / name)) for name, _, _ in shards]
-    assert shards[0][2] != shards[1][2]
+    listed = ckpt["train_loader"]["shards"]
+    assert [(name, n) for name, n, _ in listed] == [("test_train_000001.npy", 5000), ("test_train_000002.npy", 5000)]
+    assert [fp for _, _, fp in listed] == [train_gpt.shard_fingerprint(str(ref.data / name)) for name, _, _ in listed]
+    assert listed[0][2] != listed[1][2]
     assert f"4 val {ckpt['val_loss']:.4f}" in ref.log_lines
     assert isinstance(ckpt["rng"]["torch"], torch.Tensor) and ckpt["rng"]["cuda"] == []
     # a clean state dict (no DDP "module." or compile "_orig_mod." prefixes) and a full AdamW state
@@ -376,6 +376,47 @@ def test_sigterm_and_sigint_checkpoint_exit_0_and_resume_exactly(ref, tmp_path):
     assert read_log(log) == ref.log_lines
 
 
+@pytest.mark.slow
+def test_resume_with_only_the_log_dir_continues_a_run_of_non_default_flags_exactly(ref, tmp_path):
+    """`train_gpt.py --log-dir X --resume` and nothing else: every flag of the run comes back from its checkpoint
+    (schedule, seed, shuffle, shape, batch, data dir, device, cadences), none from the defaults."""
+    # COMMON is already far from the defaults (lr, warmup, steps, shape, batch); these change the seed, the data
+    # order and the decay too, so a resume that fell back to any default would print other losses
+    own = ["--seed", "7", "--shuffle", "--weight-decay", "0.05"]
+    whole = tmp_path / "whole"
+    uninterrupted = run_ok(*cli(ref.data, whole, *own))
+    expected = loss_strings(uninterrupted.stdout)
+    assert sorted(expected) == list(range(12))
+    assert expected[0] != ref.losses[0], "--seed 7 --shuffle changed nothing; the test would prove little"
+
+    # the run as a kill after its step-4 checkpoint leaves it (the killed run's later lines are rewound)
+    log = tmp_path / "log"
+    shutil.copytree(whole, log)
+    for step in (8, 12):
+        (log / f"model_{step:05d}.pt").unlink()
+    argv = ["train_gpt.py", "--log-dir", str(log), "--resume"]
+    assert [a for a in argv if a.startswith("-")] == ["--log-dir", "--resume"]
+    r = run_ok(*argv)
+    assert resumed_from(r.stdout) == (str(log / "model_00004.pt"), 4)
+    # the restored line lists exactly the flags that differ from the defaults
+    assert restored_flags(r.stdout) == {
+        "data_dir": str(ref.data), "shuffle": "True", "n_layer": "2", "n_head": "2", "n_embd": "32",
+        "batch_size": "4", "seq_len": "32", "total_batch_size": "256",
+        "max_lr": "0.006", "min_lr": "0.0006", "warmup_steps": "4", "max_steps": "12", "weight_decay": "0.05",
+        "eval_every": "4", "eval_steps": "2", "sample_every": "0", "save_every": "4", "hellaswag_every": "0",
+        "device": "cpu", "dtype": "float32", "seed": "7",
+    }  # fmt: skip
+    assert loss_strings(r.stdout) == {s: expected[s] for s in range(4, 12)}
+    assert read_log(log) == read_log(whole)
+    resumed, original = (
+        train_gpt.load_checkpoint(str(d / "model_00012.pt"), train_gpt.RESUME_KEYS) for d in (log, whole)
+    )
+    assert same_tensors(resumed["model"], original["model"])
+    assert resumed["train_loader"] == original["train_loader"]
+    differ = {k for k in original["args"] if resumed["args"][k] != original["args"][k]}
+    assert differ == {"log_dir", "resume"}, differ
+
+
 # -----------------------------------------------------------------------------
 # torn and corrupt checkpoints
 
@@ -478,14 +519,18 @@ def test_kill9_during_checkpoint_writes_always_leaves_a_resumable_run(ref, tmp_p
 # refusals and flag changes on resume
 
 
-def test_resume_without_checkpoint_is_a_one_line_error(ref, tmp_path):
-    log = tmp_path / "log"
-    log.mkdir()
-    (log / "model_00004.pt.tmp").write_bytes(b"torn")  # an unfinished write is not a checkpoint
-    r = run_script(*cli(ref.data, log, "--resume"), timeout=TIMEOUT)
-    assert r.returncode == 1
-    assert r.stderr == f"error: --resume: no checkpoint (model_*.pt) in --log-dir {log}; start without --resume\n"
-    assert "step" not in r.stdout
+def fake_run(data: Path, log: Path, *extra: str, step: int = 12) -> Path:
+    """The checkpoint the training loop would save at `step` of cli(data, log, *extra), made in this process
+    in a moment (untrained weights, empty AdamW state): enough for what --resume decides before any training."""
+    cfg, _ = train_gpt.parse_args(cli(data, log, *extra)[1:])
+    with torch.random.fork_rng(devices=[]):  # the init must not move the global RNG of other tests
+        model = train_gpt.GPT(train_gpt.model_config(cfg))
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.max_lr, "cpu")
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    loader = train_gpt.DataLoaderLite(cfg.batch_size, cfg.seq_len, 0, 1, "train", cfg.data_dir)
+    state = train_gpt.checkpoint_state(step, True, None, cfg, model, optimizer, scaler, loader)
+    log.mkdir(exist_ok=True)
+    return Path(train_gpt.save_checkpoint(str(log), step, state, cfg.keep_last))
 
 
 def run_in_process(argv: list[str], capsys) -> str:
@@ -493,54 +538,82 @@ def run_in_process(argv: list[str], capsys) -> str:
     with pytest.raises(SystemExit) as e:
         train_gpt.main(argv)
     assert e.value.code == 1
-    return capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert not [line for line in out.splitlines() if line.startswith(("step ", "validation"))]
+    return err
 
 
-def test_fresh_run_into_a_log_dir_with_checkpoints_is_refused(ref, tmp_path, capsys):
+def snapshot(log: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(log.iterdir())}
+
+
+def test_resume_without_checkpoint_is_a_one_line_error(shards, tmp_path, capsys):
     log = tmp_path / "log"
     log.mkdir()
-    shutil.copy(ref.log / "model_00012.pt", log)
-    shutil.copy(ref.log / "log.txt", log)
-    err = run_in_process(cli(ref.data, log)[1:], capsys)
+    (log / "model_00004.pt.tmp").write_bytes(b"torn")  # an unfinished write is not a checkpoint
+    err = run_in_process(cli(shards, log, "--resume")[1:], capsys)
+    assert err == f"error: --resume: no checkpoint (model_*.pt) in --log-dir {log}: nothing to resume\n"
+    assert snapshot(log) == {"model_00004.pt.tmp": b"torn"}
+
+
+@pytest.mark.parametrize("with_log", [True, False])
+def test_fresh_run_into_a_log_dir_with_checkpoints_is_refused(shards, tmp_path, capsys, with_log):
+    log = tmp_path / "log"
+    fake_run(shards, log)
+    held = "model_00012.pt"
+    if with_log:
+        (log / "log.txt").write_text("0 val 10.9\n0 train 10.95\n")
+        held = "log.txt, model_00012.pt"
+    before = snapshot(log)
+    err = run_in_process(cli(shards, log)[1:], capsys)
     assert err == (
-        f"error: --log-dir {log} already holds checkpoints (model_00012.pt); "
-        "pass --resume to continue that run, or choose another --log-dir\n"
+        f"error: --log-dir {log} already holds a run ({held}); pass --resume to continue it, or choose another --log-dir\n"
     )
-    assert read_log(log) == ref.log_lines  # nothing was truncated
+    assert snapshot(log) == before  # nothing was truncated, and no lock was taken
 
 
 @pytest.mark.parametrize(
     "flags, diffs",
     [
-        (["--n-layer", "3"], "n_layer: checkpoint 2, now 3"),
-        (["--seq-len", "64"], "seq_len: checkpoint 32, now 64"),
-        (["--total-batch-size", "512"], "total_batch_size: checkpoint 256, now 512"),
+        (["--n-layer", "3"], "--n-layer 3 (the run has 2)"),
+        (["--seq-len", "64"], "--seq-len 64 (the run has 32)"),
+        (["--total-batch-size", "512"], "--total-batch-size 512 (the run has 256)"),
         (
             ["--n-head", "4", "--seq-len", "16", "--total-batch-size", "128"],
-            "n_head: checkpoint 2, now 4; seq_len: checkpoint 32, now 16; total_batch_size: checkpoint 256, now 128",
+            "--n-head 4 (the run has 2), --seq-len 16 (the run has 32), --total-batch-size 128 (the run has 256)",
         ),
     ],
 )
-def test_resume_with_a_changed_shape_or_batch_names_the_mismatch(ref, tmp_path, capsys, flags, diffs):
+def test_resume_with_a_changed_shape_or_batch_names_the_mismatch(shards, tmp_path, capsys, flags, diffs):
     log = tmp_path / "log"
-    log.mkdir()
-    shutil.copy(ref.log / "model_00012.pt", log)
-    err = run_in_process(cli(ref.data, log, "--resume", *flags)[1:], capsys)
-    path = log / "model_00012.pt"
-    assert err == f"error: cannot resume from {path}: {diffs}; use the original flags or another --log-dir\n"
+    path = fake_run(shards, log)
+    before = snapshot(log)
+    err = run_in_process(cli(shards, log, "--resume", *flags)[1:], capsys)
+    assert err == (
+        f"error: --resume from {path}: {diffs} cannot change within a run; drop these flags to continue it, "
+        f"or start a new run in another --log-dir with --init-from {path}\n"
+    )
+    assert snapshot(log) == before
 
 
+@pytest.mark.slow
 def test_resume_with_more_steps_trains_further_and_keeps_last_2(ref, tmp_path):
     log = copy_run(ref, tmp_path / "log")
     r = run_ok(*cli(ref.data, log, "--resume", "--max-steps", "14", "--keep-last", "2"))
-    assert RESUMED_RE.search(r.stdout).groups() == (str(log / "model_00012.pt"), "12")
+    assert resumed_from(r.stdout) == (str(log / "model_00012.pt"), 12)
     steps = {int(m.group(1)): (m.group(2), m.group(3)) for m in STEP_RE.finditer(r.stdout)}
     assert sorted(steps) == [12, 13]
     # step 12 starts from the reference's final weights, on the next data, with the lr of the longer schedule
     ckpt12 = train_gpt.load_checkpoint(str(ref.log / "model_00012.pt"))
     assert float(steps[12][0]) == pytest.approx(step_loss(ckpt12, ref.data), abs=2e-6)
+    longer = replace(train_gpt.TrainConfig(), max_lr=6e-3, min_lr=6e-4, warmup_steps=4, max_steps=14)
     for s in (12, 13):
-        assert steps[s][1] == f"{train_gpt.get_lr(s, 6e-3, 6e-4, 4, 14):.4e}"
+        assert steps[s][1] == f"{train_gpt.get_lr(s, longer):.4e}"
+    # and the run says what the longer schedule does to the LR where it resumes (the 12-step one had ended)
+    assert (
+        f"resume: --max-steps 12 -> 14 moves the LR at step 12 from {6e-4:.3e} to {train_gpt.get_lr(12, longer):.3e}"
+        in r.stdout.splitlines()
+    )
     new_lines = read_log(log)[len(ref.log_lines) :]
     assert read_log(log)[: len(ref.log_lines)] == ref.log_lines
     assert [line.split()[:2] for line in new_lines] == [["12", "train"], ["13", "train"], ["14", "val"]]
@@ -553,6 +626,7 @@ def test_resume_with_more_steps_trains_further_and_keeps_last_2(ref, tmp_path):
 # the non-finite guard
 
 
+@pytest.mark.slow
 def test_a_nan_step_is_skipped_and_training_goes_on(ref, tmp_path):
     log = tmp_path / "log"
     r = run_ok(
@@ -578,6 +652,7 @@ def test_a_nan_step_is_skipped_and_training_goes_on(ref, tmp_path):
     assert all(torch.isfinite(t).all() for t in c5["model"].values())
 
 
+@pytest.mark.slow
 def test_five_nan_steps_in_a_row_stop_the_run_with_the_last_good_checkpoint(ref, tmp_path):
     log = tmp_path / "log"
     r = run_script(

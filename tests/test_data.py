@@ -2,8 +2,10 @@
 
 Shards here hold consecutive token ids (shard i continues where shard i-1 stopped), so a token's value
 names its shard and position, and every batch can be traced back to the exact tokens it was cut from.
+The command-line tests at the end run train_gpt.py in a subprocess and are marked slow.
 """
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,7 @@ import torch
 from conftest import TINY, run_script, write_shards
 
 from fineweb import write_bin_shard, write_shard
-from train_gpt import DataLoaderLite, UserError, list_shards, open_shard
+from train_gpt import DataLoaderLite, UserError, list_shards, open_shard, shard_fingerprint
 
 VOCAB = 50304  # GPTConfig's padded vocab, the loader's default
 
@@ -280,6 +282,77 @@ def test_state_dict_carries_over_to_another_world_size(tmp_path):
     assert interleave(runs) == [expected[(7 + g) % 11] for g in range(8)]
 
 
+def test_state_dict_names_each_shard_by_name_size_and_content(tmp_path):
+    arrays = arange_shards(tmp_path, [41, 30])
+    loader = DataLoaderLite(1, 4, 0, 1, "train", data_dir=str(tmp_path))
+    read(loader, 5, arrays)
+    state = loader.state_dict()
+    assert state["position"] == 5 and state["window_tokens"] == 4 and state["n_tokens"] == 71
+    assert [(name, n) for name, n, _ in state["shards"]] == [("t_train_000000.npy", 41), ("t_train_000001.npy", 30)]
+    fingerprints = [fp for _, _, fp in state["shards"]]
+    assert fingerprints == [shard_fingerprint(str(tmp_path / name)) for name, _, _ in state["shards"]]
+    assert len(set(fingerprints)) == 2
+
+
+def differs(message: str) -> str:
+    return f"the training data differs from the checkpoint's ({message}); resume with the --data-dir it was trained on"
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ("content", "t_train_000001.npy has other tokens"),  # same name, same size
+        ("size", "t_train_000001.npy of 30 tokens, now t_train_000001.npy of 31"),
+        ("name", "t_train_000001.npy of 30 tokens, now u_train_000001.npy of 30"),
+        ("count", "2 train shards, now 3"),
+        ("seed", "shuffle seed 3, now 4"),
+    ],
+)
+def test_load_state_dict_refuses_other_data(tmp_path, change, message):
+    first, second = tmp_path / "first", tmp_path / "second"
+    arrays = arange_shards(first, [41, 30])
+    old = DataLoaderLite(1, 4, 0, 1, "train", data_dir=str(first), shuffle=True, seed=3)
+    read(old, 5, arrays)
+    state = old.state_dict()
+    shutil.copytree(first, second)
+    shard = second / "t_train_000001.npy"
+    seed = 3
+    if change == "content":
+        write_shard(shard, arrays[1][::-1].copy())
+    elif change == "size":
+        write_shard(shard, np.arange(41, 72, dtype=np.uint16))
+    elif change == "name":
+        shard.rename(second / "u_train_000001.npy")
+    elif change == "count":
+        write_shard(second / "t_train_000002.npy", np.arange(100, 140, dtype=np.uint16))
+    else:
+        seed = 4
+    new = DataLoaderLite(1, 4, 0, 1, "train", data_dir=str(second), shuffle=True, seed=seed)
+    with pytest.raises(UserError) as e:
+        new.load_state_dict(state)
+    assert str(e.value) == differs(message)
+    # the same data, even in another folder, continues where the old loader was
+    same = DataLoaderLite(
+        1, 4, 0, 1, "train", data_dir=str(shutil.copytree(first, tmp_path / "copy")), shuffle=True, seed=3
+    )
+    same.load_state_dict(state)
+    assert read(same, 5, arrays) == read(old, 5, arrays)
+
+
+def test_load_state_dict_of_an_older_checkpoint_compares_the_token_count(tmp_path):
+    arrays = arange_shards(tmp_path / "a", [41, 30])
+    old = DataLoaderLite(1, 4, 0, 1, "train", data_dir=str(tmp_path / "a"))
+    read(old, 5, arrays)
+    state = {k: v for k, v in old.state_dict().items() if k != "shards"}  # as saved before shards were named
+    new = DataLoaderLite(1, 4, 0, 1, "train", data_dir=str(tmp_path / "a"))
+    new.load_state_dict(state)
+    assert read(new, 3, arrays) == read(old, 3, arrays)
+    arange_shards(tmp_path / "b", [41, 31])
+    with pytest.raises(UserError) as e:
+        DataLoaderLite(1, 4, 0, 1, "train", data_dir=str(tmp_path / "b")).load_state_dict(state)
+    assert str(e.value) == differs("71 train tokens, now 72")
+
+
 def test_reset_returns_to_the_first_window(tmp_path):
     arrays = arange_shards(tmp_path, ORDER_SIZES)
     loader = DataLoaderLite(OB, OT, 1, 2, "train", data_dir=str(tmp_path))
@@ -314,6 +387,11 @@ def test_token_id_beyond_vocab(tmp_path, fmt):
     path = tmp_path / f"t_train_000000.{fmt}"
     (write_shard if fmt == "npy" else write_bin_shard)(path, tokens)
     assert expect_error(tmp_path) == too_large_message(path)
+    # start-up reads the headers only; the ids are checked when the shard is first used
+    loader = DataLoaderLite(2, 8, 0, 1, "train", data_dir=str(tmp_path))
+    with pytest.raises(UserError) as e:
+        loader.next_batch()
+    assert str(e.value) == too_large_message(path)
 
 
 def test_token_id_limit_is_the_vocab_size(tmp_path):
@@ -440,6 +518,7 @@ def assert_cli_error(result, message: str, filename: str) -> None:
     assert filename in result.stderr
 
 
+@pytest.mark.slow
 def test_cli_token_id_beyond_vocab(tmp_path):
     data_dir = tmp_path / "data"
     shards = write_shards(data_dir, n_train=1)
@@ -450,6 +529,7 @@ def test_cli_token_id_beyond_vocab(tmp_path):
     assert_cli_error(run_train(data_dir, tmp_path / "log"), too_large_message(path), path.name)
 
 
+@pytest.mark.slow
 def test_cli_truncated_bin(tmp_path):
     data_dir = tmp_path / "data"
     shards = write_shards(data_dir, n_train=1)
@@ -461,6 +541,7 @@ def test_cli_truncated_bin(tmp_path):
     assert_cli_error(run_train(data_dir, tmp_path / "log"), message, path.name)
 
 
+@pytest.mark.slow
 def test_cli_no_val_shards(tmp_path):
     data_dir = tmp_path / "data"
     write_shards(data_dir, n_train=1)

@@ -18,6 +18,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from conftest import TINY, run_script, write_shards
 
@@ -91,6 +92,7 @@ def reference_run(data_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, to
     return init, model.state_dict(), losses, shard_of_batch
 
 
+@pytest.mark.slow
 def test_float32_cpu_training_matches_build_nanogpt_bit_for_bit(tmp_path):
     data, log = tmp_path / "data", tmp_path / "log"
     write_shards(data, n_train=2, tokens_per_shard=TOKENS_PER_SHARD)

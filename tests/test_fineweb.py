@@ -1,7 +1,8 @@
 """Tests for fineweb.py: the tokenizer, shard files, and the CLI end to end.
 
 CLI tests run `python fineweb.py ...` in a subprocess, like a user would, and
-compare the shards against references computed here from the documents.
+compare the shards against references computed here from the documents; they
+are marked slow. A few run fineweb.main() in this process instead, for speed.
 """
 
 import gzip
@@ -185,6 +186,7 @@ def test_tokenize():
     assert tokens.count(50256) == 1 and tokens[0] == 50256 and len(tokens) > 3
 
 
+@pytest.mark.slow
 def test_import_is_cheap_and_has_no_side_effects(tmp_path):
     code = "import sys, fineweb; print(sorted(m for m in ('torch', 'datasets', 'pyarrow') if m in sys.modules))"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -229,6 +231,7 @@ def test_write_bin_shard(tmp_path):
 # the CLI: round trips
 
 
+@pytest.mark.slow
 def test_hand_computed_shards(tmp_path):
     a, b, out = tmp_path / "a.txt", tmp_path / "b.txt", tmp_path / "out"
     a.write_text("Hello world")
@@ -237,6 +240,64 @@ def test_hand_computed_shards(tmp_path):
     assert r.returncode == 0, r.stderr
     assert [s.tolist() for s in read_shards(out)] == [[50256, 15496], [995, 50256], [15496]]
     assert "2 documents, 5 tokens, 3 shards written" in r.stdout
+    assert r.stderr == ""  # the progress bar draws only on a terminal
+
+
+def main_in_process(argv: list[str], capsys) -> tuple[int | None, str, str]:
+    """fineweb.main(argv) in this process: (its exit code, None if it returned; stdout; stderr). The SIGTERM
+    handler a run installs is put back, so it does not outlive the call."""
+    handler = signal.getsignal(signal.SIGTERM)
+    code = None
+    try:
+        fineweb.main(argv)
+    except SystemExit as e:
+        code = e.code
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_main_in_process_returns_after_writing_the_shards_quietly(tmp_path, capsys):
+    a, out = tmp_path / "a.txt", tmp_path / "out"
+    a.write_text("Hello world")
+    code, stdout, stderr = main_in_process(
+        ["--input", str(a), "--output-dir", str(out), "--shard-size", "2", "--workers", "1"], capsys
+    )
+    assert code is None  # success returns; only an error exits
+    assert [s.tolist() for s in read_shards(out)] == [[50256, 15496], [995]]
+    assert "1 documents, 3 tokens, 2 shards written" in stdout
+    assert stderr == ""  # no progress bar: stderr is not a terminal here
+
+
+@pytest.mark.parametrize("prefix", ["a/b", "../up", "x y", "", "shards*"])
+def test_prefix_must_be_a_plain_file_name_part(tmp_path, capsys, prefix):
+    (tmp_path / "a.txt").write_text("hello")
+    out = tmp_path / "out"
+    argv = ["--input", str(tmp_path / "a.txt"), "--output-dir", str(out), "--prefix", prefix, "--workers", "1"]
+    code, stdout, stderr = main_in_process(argv, capsys)
+    assert code == 1
+    assert stderr == f"error: --prefix {prefix!r}: use only letters, digits, '.', '-' and '_'\n"
+    assert stdout == "" and not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
+
+
+def test_a_failure_before_the_first_shard_leaves_no_output_dir(tmp_path, capsys):
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text('{"text": "ok"}\n{"text": 3}\n')  # the first document passes the up-front check
+    out = tmp_path / "out"
+    argv = ["--input", str(docs), "--output-dir", str(out), "--shard-size", "1000", "--workers", "1"]
+    code, _, stderr = main_in_process(argv, capsys)
+    assert code == 1
+    assert stderr == f'error: {docs}:2: no "text" string field\n'
+    assert not out.exists()
+
+
+def test_int_flags_take_integral_floats():
+    config, given = fineweb.parse_config(fineweb.FinewebConfig, ["--shard-size", "1e8", "--workers", "2.0"], "")
+    assert (config.shard_size, config.workers) == (100_000_000, 2)
+    assert type(config.shard_size) is int and type(config.workers) is int
+    assert given == {"shard_size", "workers"}
+    assert config.format == "npy" and config.prefix == "edufineweb"  # the rest: the defaults
 
 
 def make_inputs(tmp_path: Path, kind: str, docs: list[str]) -> list[Path]:
@@ -258,6 +319,7 @@ def make_inputs(tmp_path: Path, kind: str, docs: list[str]) -> list[Path]:
 
 
 @pytest.mark.parametrize("kind", ["txt", "jsonl", "jsonl.gz", "parquet"])
+@pytest.mark.slow
 def test_round_trip(tmp_path, kind):
     paths = make_inputs(tmp_path, kind, DOCS)
     out = tmp_path / "out"
@@ -274,6 +336,7 @@ def test_round_trip(tmp_path, kind):
     assert manifest["shards"][-1]["documents"] == len(DOCS)
 
 
+@pytest.mark.slow
 def test_bin_format(tmp_path):
     paths = make_inputs(tmp_path, "jsonl", DOCS)
     out = tmp_path / "out"
@@ -283,6 +346,7 @@ def test_bin_format(tmp_path):
     check_shards(out, DOCS, 64, prefix="tiny", fmt="bin")
 
 
+@pytest.mark.slow
 def test_workers_give_identical_output(tmp_path):
     docs = many_docs(300, seed=1) + DOCS
     paths = make_inputs(tmp_path, "jsonl", docs)
@@ -297,6 +361,7 @@ def test_workers_give_identical_output(tmp_path):
 
 
 @pytest.mark.skipif(not SHAKESPEARE.exists(), reason="no ../shared/data")
+@pytest.mark.slow
 def test_tinyshakespeare(tmp_path):
     text = SHAKESPEARE.read_bytes().decode("utf-8")
     paragraphs = [p for p in text.split("\n\n") if p]
@@ -314,6 +379,7 @@ def test_tinyshakespeare(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["txt", "jsonl.gz", "parquet"])
+@pytest.mark.slow
 def test_resume_after_interruption(tmp_path, kind):
     docs = DOCS * 3
     paths = make_inputs(tmp_path, kind, docs)
@@ -344,6 +410,7 @@ def test_resume_after_interruption(tmp_path, kind):
     assert files(b) == expected
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill(tmp_path):
     docs = many_docs(6000, seed=2)
     paths = make_inputs(tmp_path, "jsonl", docs)
@@ -385,6 +452,7 @@ def test_resume_after_sigkill(tmp_path):
     check_shards(b, docs, 10_000)
 
 
+@pytest.mark.slow
 def test_rerun_when_complete_does_nothing(tmp_path):
     paths = make_inputs(tmp_path, "jsonl", DOCS)
     out = tmp_path / "out"
@@ -407,6 +475,7 @@ def test_rerun_when_complete_does_nothing(tmp_path):
         ({"--input": [], "--dataset": ["x/y"]}, "dataset=none, not x/y; name=none, not sample-10BT; inputs="),
     ],
 )
+@pytest.mark.slow
 def test_refuses_dir_made_with_other_arguments(tmp_path, change, message):
     docs, other = tmp_path / "docs.txt", tmp_path / "other.txt"
     docs.write_text("documents")
@@ -430,6 +499,7 @@ def test_refuses_dir_made_with_other_arguments(tmp_path, change, message):
     assert files(out) == before
 
 
+@pytest.mark.slow
 def test_refuses_shards_without_manifest(tmp_path):
     out = tmp_path / "edu_fineweb10B"
     out.mkdir()
@@ -461,6 +531,7 @@ def test_refuses_shards_without_manifest(tmp_path):
         ("docs.jsonl", '{"text": "ok"}\n{"text": "unterminated\n', "{path}:2: invalid JSON", "2"),
     ],
 )
+@pytest.mark.slow
 def test_bad_input(tmp_path, name, content, message, workers):
     path = tmp_path / name
     if content == "parquet-without-text":
@@ -481,6 +552,7 @@ def test_bad_input(tmp_path, name, content, message, workers):
     assert not manifest.exists() or not json.loads(manifest.read_text())["complete"]
 
 
+@pytest.mark.slow
 def test_bad_input_is_caught_before_any_shard(tmp_path):
     good = write_jsonl(tmp_path / "good.jsonl", DOCS)
     bad = tmp_path / "bad.jsonl"
@@ -492,15 +564,17 @@ def test_bad_input_is_caught_before_any_shard(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_shard_size_must_be_positive(tmp_path):
     (tmp_path / "a.txt").write_text("hello")
     r = run_cli("--input", str(tmp_path / "a.txt"), "--output-dir", str(tmp_path / "out"), "--shard-size", "0")
-    assert r.returncode == 2
-    assert "must be > 0" in r.stderr
+    assert r.returncode == 1
+    assert r.stderr == "error: --shard-size 0: out of range; use a value >= 1 and <= 2147483647\n"
     assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.skipif(importlib.util.find_spec("datasets") is not None, reason="datasets is installed")
+@pytest.mark.slow
 def test_default_source_without_datasets(tmp_path):
     out = tmp_path / "out"
     r = run_cli("--output-dir", str(out))

@@ -1,12 +1,12 @@
 """Tests for train_gpt.py's core: the model, the loss, the schedule, sampling, and the CLI end to end.
 
 Unit tests use a tiny model on the CPU; the CLI tests run `python train_gpt.py ...` in a subprocess,
-as a user would, on learnable token shards written here.
+as a user would, on learnable token shards written here (those are marked slow).
 """
 
 import math
 import re
-from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +23,12 @@ from train_gpt import (
     IGNORE_INDEX,
     DataLoaderLite,
     GPTConfig,
+    TrainConfig,
     cross_entropy,
     evaluate_loss,
     filter_logits,
     get_lr,
+    runtime,
     sample_next_token,
 )
 
@@ -145,8 +147,9 @@ def test_model_loss_matches_log_softmax(chunk):
     model = tiny_gpt()
     if chunk is not None:
         model.loss_chunk_size = chunk
-    else:
-        assert model.loss_chunk_size == 512
+    else:  # the default: chunks of the device's size, 512 rows on the CPU (one chunk for these 48 rows)
+        assert model.loss_chunk_size is None
+        assert train_gpt.loss_chunk_rows("cpu") == 512 and train_gpt.loss_chunk_rows("cuda") == 8192
     g = torch.Generator().manual_seed(0)
     idx = torch.randint(0, 64, (3, 16), generator=g)
     targets = torch.randint(0, 64, (3, 16), generator=g)
@@ -240,16 +243,25 @@ def test_loss_without_grad_equals_loss_with_grad(chunk):
 
 
 def test_lr_schedule():
-    lr = lambda step: get_lr(step, 6e-4, 6e-5, 715, 19073)  # noqa: E731
+    # the defaults are build-nanogpt's schedule, min_lr computed as it does (one ulp above 6e-5)
+    cfg = TrainConfig()
+    min_lr = 6e-4 * 0.1
+    assert (cfg.max_lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps) == (6e-4, min_lr, 715, 19073)
+    lr = lambda step: get_lr(step, cfg)  # noqa: E731
     assert lr(0) == pytest.approx(6e-4 / 715, rel=1e-12)
     assert lr(1) == pytest.approx(2 * 6e-4 / 715, rel=1e-12)
     assert lr(714) == pytest.approx(6e-4, rel=1e-12)
     assert lr(715) == pytest.approx(6e-4, rel=1e-12)  # the cosine starts at the peak
     assert (715 + 19073) % 2 == 0
-    assert lr((715 + 19073) // 2) == pytest.approx((6e-4 + 6e-5) / 2, rel=1e-12)
-    assert lr(19072) > 6e-5
-    assert lr(19073) == pytest.approx(6e-5, rel=1e-12)
-    assert lr(19074) == lr(100_000) == 6e-5
+    assert lr((715 + 19073) // 2) == pytest.approx((6e-4 + min_lr) / 2, rel=1e-12)
+    assert lr(19072) > min_lr
+    assert lr(19073) == pytest.approx(min_lr, rel=1e-12)
+    assert lr(19074) == lr(100_000) == min_lr
+    # and every field of the schedule comes from the config
+    other = replace(cfg, max_lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=110)
+    assert get_lr(4, other) == pytest.approx(5e-4, rel=1e-12)
+    assert get_lr(60, other) == pytest.approx((1e-3 + 1e-4) / 2, rel=1e-12)
+    assert get_lr(110, other) == 1e-4
     warmup = [lr(s) for s in range(0, 716)]
     decay = [lr(s) for s in range(715, 19080, 7)]
     assert warmup == sorted(warmup)
@@ -420,6 +432,9 @@ STEP_RE = re.compile(
     r"dt: (\d+\.\d{2})ms \| tok/sec: (\d+\.\d{2})"
 )
 VAL_RE = re.compile(r"validation loss: (\d+\.\d{4}) \| ppl: (\d+\.\d{2})")
+# log.txt: build-nanogpt's `{step} {stream} {value}` lines; each step writes train, lr, norm and toks (tokens/s)
+LOG_LINE_RE = re.compile(r"\d+ (train \d+\.\d{6}|val \d+\.\d{4}|lr \d\.\d{6}e[+-]\d\d|norm \d+\.\d{4}|toks \d+)")
+STEP_STREAMS = ("train", "lr", "norm", "toks")
 
 
 def write_pattern_shards(data_dir: Path, splits=("val", "train", "train"), n: int = 5000) -> np.ndarray:
@@ -448,6 +463,7 @@ def read_log(log_dir: Path) -> list[tuple[int, str, float]]:
     ]
 
 
+@pytest.mark.slow
 def test_short_run_loss_falls(trained):
     _, log_dir, proc = trained
     log = read_log(log_dir)
@@ -465,6 +481,7 @@ def test_short_run_loss_falls(trained):
     assert abs(losses[0] - vals[0]) < 0.05
 
 
+@pytest.mark.slow
 def test_short_run_log_and_stdout_format(trained):
     _, log_dir, proc = trained
     lines = (log_dir / "log.txt").read_text().splitlines()
@@ -473,24 +490,29 @@ def test_short_run_log_and_stdout_format(trained):
         if s % EVAL_EVERY == 0 or s == STEPS:
             expected_kinds.append((s, "val"))
         if s < STEPS:
-            expected_kinds.append((s, "train"))
+            expected_kinds += [(s, stream) for stream in STEP_STREAMS]
     assert [(int(line.split()[0]), line.split()[1]) for line in lines] == expected_kinds
     for line in lines:
-        assert re.fullmatch(r"\d+ (train \d+\.\d{6}|val \d+\.\d{4})", line), line
+        assert LOG_LINE_RE.fullmatch(line), line
 
     step_lines = [line for line in proc.stdout.splitlines() if line.startswith("step ")]
     assert len(step_lines) == STEPS
-    log_train = {s: v for s, kind, v in read_log(log_dir) if kind == "train"}
+    logged = {(s, kind): v for s, kind, v in read_log(log_dir)}
+    # the run's schedule: the flags it was given, the defaults for the rest
+    schedule = replace(TrainConfig(), max_lr=MAX_LR, warmup_steps=WARMUP, max_steps=STEPS)
     for step, line in enumerate(step_lines):
         m = STEP_RE.fullmatch(line)
         assert m, line
         assert int(m[1]) == step
-        assert float(m[2]) == log_train[step]
-        assert m[3] == f"{get_lr(step, MAX_LR, 6e-5, WARMUP, STEPS):.4e}"
+        assert float(m[2]) == logged[step, "train"]
+        assert m[3] == f"{get_lr(step, schedule):.4e}"
+        assert logged[step, "lr"] == float(f"{get_lr(step, schedule):.6e}")
+        assert float(m[4]) == logged[step, "norm"]
         # tok/sec is this step's tokens over its time: B*T*accumulation
         dt_ms, tok_s = float(m[5]), float(m[6])
         # (both printed to 2 decimals: the bound is what that rounding allows)
         assert abs(tok_s * dt_ms / 1000 - B * T * ACCUM) <= B * T * ACCUM * 0.0051 / dt_ms + 0.0051 * dt_ms / 1000
+        assert abs(logged[step, "toks"] - tok_s) <= 0.51  # the same rate, to the token
     val_lines = [VAL_RE.fullmatch(line) for line in proc.stdout.splitlines() if line.startswith("validation")]
     log_vals = [v for _, kind, v in read_log(log_dir) if kind == "val"]
     assert all(val_lines) and len(val_lines) == len(log_vals) == 3
@@ -500,6 +522,7 @@ def test_short_run_log_and_stdout_format(trained):
         assert abs(float(m[2]) - math.exp(v)) <= math.exp(v) * 5.1e-5 + 0.005
 
 
+@pytest.mark.slow
 def test_final_checkpoint_round_trip(trained):
     root, log_dir, _ = trained
     path = log_dir / f"model_{STEPS:05d}.pt"
@@ -508,7 +531,7 @@ def test_final_checkpoint_round_trip(trained):
     ckpt = torch.load(path, weights_only=True)
     assert {"model", "config", "step", "val_loss", "optimizer", "args", "train_loader", "rng"} <= set(ckpt)
     assert not [k for k in ckpt["model"] if k.startswith(("_orig_mod.", "module."))]
-    assert ckpt["config"] == dict(block_size=1024, vocab_size=50304, n_layer=2, n_head=2, n_embd=32)
+    assert ckpt["config"] == dict(block_size=1024, vocab_size=50304, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
     assert ckpt["step"] == STEPS
     assert ckpt["args"]["max_steps"] == STEPS and ckpt["args"]["max_lr"] == MAX_LR
     last_val = [v for _, kind, v in read_log(log_dir) if kind == "val"][-1]
@@ -528,7 +551,9 @@ def test_final_checkpoint_round_trip(trained):
         assert torch.equal(model(idx)[0], pretrained(idx)[0])
     # the weights are the trained ones: they reproduce the run's final validation loss
     val = DataLoaderLite(B, T, 0, 1, "val", data_dir=str(root / "data"))
-    assert abs(evaluate_loss(model, val, EVAL_STEPS, "cpu", nullcontext()) - ckpt["val_loss"]) < 1e-5
+    rt = runtime("cpu", "float32")
+    assert (rt.device, rt.dtype) == ("cpu", torch.float32)
+    assert abs(evaluate_loss(model, val, EVAL_STEPS, rt) - ckpt["val_loss"]) < 1e-5
 
 
 # -----------------------------------------------------------------------------
@@ -555,9 +580,9 @@ def expected_errors(tmp: Path) -> dict[str, tuple[list[str], str]]:
             ["--seq-len", "2048", "--total-batch-size", str(4 * 2048)],
             "error: --seq-len 2048 exceeds the model's block_size 1024; use at most 1024",
         ),
-        "unknown model": (
+        "unknown model": (  # argparse's own words, which Python versions quote differently: a prefix
             ["--model", "gpt5"],
-            "error: --model 'gpt5' is unknown; choose one of gpt2, gpt2-medium, gpt2-large, gpt2-xl",
+            "error: argument --model: invalid choice: 'gpt5' (choose from ...",
         ),
         "width not divisible by heads": (
             ["--n-embd", "30", "--n-head", "4"],
@@ -594,11 +619,17 @@ def test_bad_input_fails_with_one_error_line(bad_input_dir, case, capsys):
         torch.set_float32_matmul_precision(precision)
     assert exit_info.value.code == 1
     out, err = capsys.readouterr()
-    assert [line for line in err.splitlines() if line.strip()] == [expected]
+    lines = [line for line in err.splitlines() if line.strip()]
+    if expected.endswith("..."):
+        assert len(lines) == 1 and lines[0].startswith(expected.removesuffix("...")), lines
+        assert lines[0].endswith(" (see --help)") and all(name in lines[0] for name in train_gpt.MODEL_SHAPES)
+    else:
+        assert lines == [expected]
     assert not [line for line in out.splitlines() if line.startswith(("step ", "validation"))]
     assert not (bad_input_dir / "log" / "log.txt").exists()
 
 
+@pytest.mark.slow
 def test_bad_input_from_the_command_line(bad_input_dir):
     extra, expected = expected_errors(bad_input_dir)["no val split"]
     proc = run_script("train_gpt.py", *bad_input_args(bad_input_dir, extra))

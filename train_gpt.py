@@ -478,6 +478,7 @@ class GPT(nn.Module):
             "generation_config.json": {"bos_token_id": EOT, "eos_token_id": EOT},
             "tokenizer_config.json": {
                 "tokenizer_class": "GPT2Tokenizer",
+                "clean_up_tokenization_spaces": False,  # decode " ," as GPT-2 does, whatever transformers' default
                 "model_max_length": c.block_size,
                 "add_prefix_space": False,
                 "bos_token": eot,
@@ -1647,10 +1648,10 @@ def check_batch(cfg: TrainConfig, world_size: int, block_size: int) -> int:
     return cfg.total_batch_size // unit
 
 
-def build_model(cfg: TrainConfig, checkpoint: dict | None) -> GPT:
+def build_model(cfg: TrainConfig, resume_from: tuple[str, dict] | None) -> GPT:
     """The model of a resumed run, or pretrained weights to fine-tune (--init-from), or a fresh one."""
-    if checkpoint is not None:
-        model = model_from_checkpoint(checkpoint, cfg.log_dir)
+    if resume_from is not None:
+        model = model_from_checkpoint(resume_from[1], resume_from[0])
     elif cfg.init_from:
         model = GPT.from_pretrained(cfg.init_from)
     else:
@@ -1727,16 +1728,17 @@ def train_step(
     return loss_value, norm_value, applied, stop_votes > 0
 
 
-def run(cfg: TrainConfig, d: Dist, rt: Runtime, checkpoint: dict | None) -> None:
+def run(cfg: TrainConfig, d: Dist, rt: Runtime, resume_from: tuple[str, dict] | None, hellaswag: list) -> None:
     """The training loop, as build-nanogpt's: once in a while evaluate, score HellaSwag, sample and
-    save; every step, one optimisation step."""
+    save; every step, one optimisation step. resume_from: (path, checkpoint) of a resumed run;
+    hellaswag: the rendered examples (empty without --hellaswag-every)."""
     bench = cfg.benchmark_steps > 0
     if bench:  # benchmark mode: time the steps on synthetic tokens; nothing periodic, nothing written
         cfg = replace(cfg, max_steps=cfg.benchmark_warmup + cfg.benchmark_steps, eval_every=0, sample_every=0)
         cfg = replace(cfg, save_every=0, hellaswag_every=0, wandb=None)
     torch.manual_seed(cfg.seed)
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer
-    raw_model = build_model(cfg, checkpoint).to(rt.device)
+    raw_model = build_model(cfg, resume_from).to(rt.device)
     config = raw_model.config
     grad_accum = check_batch(cfg, d.world_size, config.block_size)
     raw_model.loss_chunk_size = None if cfg.chunked_loss else 0
@@ -1760,12 +1762,10 @@ def run(cfg: TrainConfig, d: Dist, rt: Runtime, checkpoint: dict | None) -> None
     # data, and what the periodic actions need, loaded now so a problem shows before hours of work
     train_loader, val_loader = (None, None) if bench else make_loaders(cfg, d, config.vocab_size)
     next_batch = synthetic_batches(cfg, config.vocab_size) if bench else train_loader.next_batch
-    enc = get_tokenizer() if cfg.sample_every or cfg.hellaswag_every else None
-    hellaswag = []
-    if cfg.hellaswag_every:
-        hellaswag = [render_hellaswag(ex, enc) for ex in load_hellaswag("val", cfg.hellaswag_dir)]
+    enc = get_tokenizer() if cfg.sample_every else None
     start_step, periodic_done, val_loss, wandb_id = 0, False, None, None
-    if checkpoint is not None:
+    if resume_from is not None:
+        checkpoint = resume_from[1]
         wandb_id = checkpoint.get("wandb_id")
         start_step, periodic_done, val_loss = restore_state(checkpoint, raw_model, opts, scaler, train_loader)
         checkpoint.clear()  # the loaded copy is ~16 bytes a parameter of host memory: drop it now
@@ -1896,19 +1896,25 @@ def report_benchmark(model: GPT, cfg: TrainConfig, rt: Runtime, tokens_per_step:
 
 
 def train(cfg: TrainConfig, given: set[str]) -> None:
-    """Everything from flags to the final checkpoint, on one process or as one torchrun rank."""
-    checkpoint = None
+    """Everything from flags to the final checkpoint, on one process or as one torchrun rank. What
+    can be wrong with the flags, the files and the log dir is found before the run takes the log dir."""
+    checkpoint, resume_from = None, None
     if cfg.resume:
         path, checkpoint = latest_checkpoint(cfg.log_dir)
         cfg = resume_config(cfg, given, checkpoint, path)
-    check_config(cfg, given)  # flag errors before any process group or data work
+        resume_from = (path, checkpoint)
+    check_config(cfg, given)
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if not cfg.init_from or checkpoint is not None:
         block_size = checkpoint["config"]["block_size"] if checkpoint else 1024
         check_batch(cfg, world_size, block_size)
+    hellaswag = []
     if not cfg.benchmark_steps:  # a missing data dir or split, or an earlier run, is known before any model
         list_shards(cfg.data_dir, "train")
         list_shards(cfg.data_dir, "val")
+        if cfg.hellaswag_every:
+            enc = get_tokenizer()
+            hellaswag = [render_hellaswag(ex, enc) for ex in load_hellaswag("val", cfg.hellaswag_dir)]
         check_log_dir(cfg.log_dir, cfg.resume)
     rt = runtime(cfg.device, cfg.dtype, int(os.environ.get("LOCAL_RANK", 0)))
     d = setup_distributed(rt)
@@ -1920,7 +1926,7 @@ def train(cfg: TrainConfig, given: set[str]) -> None:
             except UserError as e:
                 error = e
         all_ranks_ok(d, rt, error)
-        run(cfg, d, rt, checkpoint)
+        run(cfg, d, rt, resume_from, hellaswag)
     finally:
         if d.ddp:
             dist.destroy_process_group()

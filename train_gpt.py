@@ -1100,8 +1100,11 @@ def print_samples(model: GPT, enc, rt: Runtime, n: int = 4, max_tokens: int = 32
     """Top-k 50 continuations of a fixed prompt, seeded so samples of different steps compare."""
     idx = torch.tensor([enc.encode_ordinary("Hello, I'm a language model,")] * n, device=rt.device)
     gen = torch.Generator(device=rt.device).manual_seed(42)
+    was_training = model.training
+    model.eval()  # no dropout in the samples
     with rt.autocast():
         out = model.generate(idx, max_tokens - idx.size(1), top_k=50, generator=gen)
+    model.train(was_training)
     for i, row in enumerate(out.tolist()):
         print(f"rank 0 sample {i}: {enc.decode(row)}")
 
@@ -1813,6 +1816,8 @@ def run(cfg: TrainConfig, d: Dist, rt: Runtime, resume_from: tuple[str, dict] | 
 
         # one optimisation step
         t0 = time.time()
+        if cfg.dropout > 0:  # masks that differ across ranks and depend on (seed, rank, step) only: exact resume
+            torch.manual_seed(int(np.random.SeedSequence([cfg.seed, d.rank, step]).generate_state(1)[0]))
         lr = get_lr(step, cfg)
         loss, norm, applied, stopping = train_step(
             model, raw_model, opts, scaler, next_batch, grad_accum, lr, cfg, rt, step in inject_nan, stop.signum is not None

@@ -519,35 +519,41 @@ def test_dropout_zero_flag_gives_the_weights_of_a_run_without_it(wsd12, wsd16):
     assert state_a.keys() == state_b.keys() and all(same_tensors(state_a[k], state_b[k]) for k in state_a)
     # and the training drew no random numbers at all: the RNG is where the seeded init left it
     assert torch.equal(with_flag["rng"]["torch"], without["rng"]["torch"])
+    assert torch.equal(with_flag["rng"]["torch"], rng_after_init(with_flag))
+
+
+def rng_after_init(c: dict) -> torch.Tensor:
+    """The torch RNG state right after the run's seeded model init (torch.manual_seed(seed), then GPT())."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(1337)
-        train_gpt.GPT(train_gpt.GPTConfig(**{**with_flag["config"], "dropout": 0.0}))
-        after_init = torch.get_rng_state()
-    assert torch.equal(with_flag["rng"]["torch"], after_init)
+        torch.manual_seed(c["args"]["seed"])
+        train_gpt.GPT(train_gpt.GPTConfig(**{**c["config"], "dropout": 0.0}))
+        return torch.get_rng_state()
 
 
 @pytest.mark.slow
 def test_dropout_run_trains_differently_but_evaluates_the_same_weights_alike(data, wsd16, tmp_path):
     log = tmp_path / "log"
-    out = run_ok(*cli(data, log, *WSD, "--max-steps", "16", "--dropout", "0.1", "--save-every", "2"))
+    out = run_ok(*cli(data, log, *WSD, "--max-steps", "6", "--dropout", "0.1", "--save-every", "2"))
     losses = loss_strings(out)
-    assert sorted(losses) == list(range(16))
+    assert sorted(losses) == list(range(6))
     vals, ref_vals = ([line for line in log_lines(d) if " val " in line] for d in (log, wsd16.log))
-    # step 0: the same seeded init, evaluated in eval mode; later the weights differ
-    assert vals[0] == ref_vals[0] and vals[1] != ref_vals[1]
+    # step 0: the same seeded init as wsd16's, evaluated in eval mode: the same val loss; after 4 steps, not
+    assert vals[0] == ref_vals[0] == f"0 val {float(ref_vals[0].split()[2]):.4f}"
+    assert vals[1].startswith("4 val ") and ref_vals[1].startswith("4 val ") and vals[1] != ref_vals[1]
     assert losses[0] != wsd16.losses[0], "dropout did not touch the training loss"
     c = ckpt(log, 2)
     assert c["config"]["dropout"] == c["args"]["dropout"] == 0.1
-    assert not torch.equal(c["rng"]["torch"], ckpt(wsd16.log, 4)["rng"]["torch"])
+    assert not torch.equal(c["rng"]["torch"], rng_after_init(c)), "the masks drew no random numbers"
     # the masks come from the checkpointed RNG: a resume from step 2 retraces the run exactly
     resumed_log = tmp_path / "resumed"
     resumed_log.mkdir()
     shutil.copy(log / "model_00002.pt", resumed_log)
-    again = run_ok("train_gpt.py", "--log-dir", str(resumed_log), "--resume", "--max-steps", "6")
+    again = run_ok("train_gpt.py", "--log-dir", str(resumed_log), "--resume")
     assert resumed_from(again) == (str(resumed_log / "model_00002.pt"), 2)
     assert restored_flags(again)["dropout"] == "0.1"
     # (a resumed model without its dropout would print other losses from the first resumed step on)
     assert loss_strings(again) == {s: losses[s] for s in range(2, 6)}
+    assert same_tensors(ckpt(resumed_log, 6)["model"], ckpt(log, 6)["model"])
 
 
 # -----------------------------------------------------------------------------

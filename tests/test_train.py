@@ -639,3 +639,26 @@ def test_bad_input_from_the_command_line(bad_input_dir):
     assert "Traceback" not in proc.stderr
     assert proc.stderr.splitlines() == [expected]
     assert not (bad_input_dir / "log" / "log.txt").exists()
+
+
+@pytest.mark.slow
+def test_benchmark_mode_times_synthetic_steps_and_writes_nothing(tmp_path):
+    log_dir = tmp_path / "log"
+    proc = run_script(
+        "train_gpt.py",
+        *TINY,
+        *("--device", "cpu", "--dtype", "float32", "--batch-size", "2", "--seq-len", "32", "--total-batch-size", "64"),
+        *("--benchmark-steps", "2", "--benchmark-warmup", "1"),
+        *("--data-dir", str(tmp_path / "no_data"), "--log-dir", str(log_dir)),  # synthetic tokens: no data needed
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    # the run is exactly warmup + timed steps long, with nothing periodic (no eval, samples or checkpoints)
+    assert [int(m[1]) for m in map(STEP_RE.match, lines) if m] == [0, 1, 2]
+    assert not [line for line in lines if line.startswith(("validation", "hellaswag", "rank 0 sample"))]
+    assert re.fullmatch(
+        r"benchmark: 2 steps after 1 warmup \| dtype float32 \| [\d,]+ tok/s \| \d+\.\d ms/step \| "
+        r"peak memory \d+\.\d\d GiB max RSS \| \d+\.\d GFLOP/s achieved",
+        lines[-1],
+    ), lines[-1]
+    assert not log_dir.exists()

@@ -694,8 +694,18 @@ def run(args: FinewebConfig) -> None:
     if shards:
         print(f"resuming after shard {len(shards) - 1} ({start_doc:,} documents done)", file=sys.stderr)
 
-    signal.signal(signal.SIGTERM, _stop_on_sigterm)
-    writer = ShardWriter(out_dir, out_args, shards)
+    previous_handler = signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    try:
+        tokenize_to_shards(args, documents, ShardWriter(out_dir, out_args, shards), start_doc, start_offset)
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+
+
+def tokenize_to_shards(
+    args: FinewebConfig, documents: Iterable[str], writer: ShardWriter, start_doc: int, start_offset: int
+) -> None:
+    """Tokenize the documents into the writer's shards, with a progress bar on a terminal."""
+    shards = writer.shards
     n_shards_before = len(shards)
     doc, n_tokens, t0 = start_doc, 0, time.perf_counter()
     # tqdm draws only on a terminal (disable=None), so logs of batch jobs stay clean
@@ -716,7 +726,7 @@ def run(args: FinewebConfig) -> None:
     seconds = time.perf_counter() - t0
     print(
         f"{doc - start_doc:,} documents, {n_tokens:,} tokens, "
-        f"{len(shards) - n_shards_before} shards written ({len(shards)} in {out_dir}) "
+        f"{len(shards) - n_shards_before} shards written ({len(shards)} in {writer.out_dir}) "
         f"in {seconds:.1f}s, {n_tokens / max(seconds, 1e-9):,.0f} tokens/s"
     )
 

@@ -1278,8 +1278,9 @@ def restore_state(
     optimizers: list[torch.optim.Optimizer],
     scaler: torch.amp.GradScaler,
     train_loader: DataLoaderLite,
-) -> tuple[int, bool, float | None]:
-    """Put back what checkpoint_state() saved (the model is built from it already): (step, periodic_done, val_loss)."""
+) -> tuple[int, bool, float | None, str | None]:
+    """Put back what checkpoint_state() saved (the model is built from it already), then drop the
+    loaded copy, ~16 bytes a parameter of host memory: (step, periodic_done, val_loss, wandb_id)."""
     train_loader.load_state_dict(checkpoint["train_loader"])
     state = checkpoint["optimizer"]
     if state["param_groups"] and isinstance(state["param_groups"][0]["params"][0], int):
@@ -1290,7 +1291,9 @@ def restore_state(
     torch.set_rng_state(checkpoint["rng"]["torch"])
     if torch.cuda.is_available() and checkpoint["rng"]["cuda"]:
         torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
-    return checkpoint["step"], checkpoint["periodic_done"], checkpoint["val_loss"]
+    where = checkpoint["step"], checkpoint["periodic_done"], checkpoint["val_loss"], checkpoint.get("wandb_id")
+    checkpoint.clear()
+    return where
 
 
 def save_checkpoint(log_dir: str, step: int, state: dict, keep_last: int) -> str:
@@ -1741,18 +1744,9 @@ def run(cfg: TrainConfig, d: Dist, rt: Runtime, resume_from: tuple[str, dict] | 
         cfg = replace(cfg, save_every=0, hellaswag_every=0, wandb=None)
     torch.manual_seed(cfg.seed)
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer
-    raw_model = build_model(cfg, resume_from).to(rt.device)
+    raw_model, model, rt = prepare_model(cfg, d, rt, resume_from)
     config = raw_model.config
     grad_accum = check_batch(cfg, d.world_size, config.block_size)
-    raw_model.loss_chunk_size = None if cfg.chunked_loss else 0
-    raw_model.activation_checkpointing = cfg.activation_checkpointing
-    if cfg.fsdp:
-        shard_model(raw_model, rt)
-        if rt.device_type == "cuda":
-            rt = Runtime(rt.device, torch.float32)  # FSDP's mixed precision replaces autocast
-    model = torch.compile(raw_model) if cfg.compile else raw_model
-    if d.ddp and not cfg.fsdp:
-        model = DDP(model, device_ids=[d.local_rank] if rt.device_type == "cuda" else None)
     opts = raw_model.configure_optimizers(cfg.weight_decay, cfg.max_lr, rt.device_type, cfg.fused_adamw, cfg.optimizer)
     scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == torch.float16)
     if d.master:
@@ -1768,10 +1762,9 @@ def run(cfg: TrainConfig, d: Dist, rt: Runtime, resume_from: tuple[str, dict] | 
     enc = get_tokenizer() if cfg.sample_every else None
     start_step, periodic_done, val_loss, wandb_id = 0, False, None, None
     if resume_from is not None:
-        checkpoint = resume_from[1]
-        wandb_id = checkpoint.get("wandb_id")
-        start_step, periodic_done, val_loss = restore_state(checkpoint, raw_model, opts, scaler, train_loader)
-        checkpoint.clear()  # the loaded copy is ~16 bytes a parameter of host memory: drop it now
+        start_step, periodic_done, val_loss, wandb_id = restore_state(
+            resume_from[1], raw_model, opts, scaler, train_loader
+        )
         if d.master:
             print(f"resuming at step {start_step}")
     log = RunLog()
@@ -1779,6 +1772,7 @@ def run(cfg: TrainConfig, d: Dist, rt: Runtime, resume_from: tuple[str, dict] | 
         log = RunLog(os.path.join(cfg.log_dir, "log.txt"), start_wandb(cfg, wandb_id) if cfg.wandb else None)
         wandb_id = log.wandb_run.id if log.wandb_run else None
     is_124m = all(getattr(config, k) == v for k, v in MODEL_SHAPES["gpt2"].items())
+    flops, peak = model_flops_per_token(raw_model, cfg.seq_len), peak_flops(rt, cfg.peak_tflops)
     inject_nan = {int(s) for s in cfg.inject_nan_steps.split(",") if s.strip()}
     stop = StopFlag(verbose=d.master)
     bad_in_a_row, step_times = 0, []
@@ -1826,21 +1820,16 @@ def run(cfg: TrainConfig, d: Dist, rt: Runtime, resume_from: tuple[str, dict] | 
         bad_in_a_row = 0 if applied else bad_in_a_row + 1
         if step - start_step >= cfg.benchmark_warmup:
             step_times.append(dt)
+        tok_s = cfg.total_batch_size / dt
         if d.master:
             note = "" if applied else f" | skipped: non-finite loss or grad norm ({bad_in_a_row} in a row)"
             print(
                 f"step {step:5d} | loss: {loss:.6f} | lr {lr:.4e} | norm: {norm:.4f} | "
-                f"dt: {dt * 1000:.2f}ms | tok/sec: {cfg.total_batch_size / dt:.2f}{note}",
+                f"dt: {dt * 1000:.2f}ms | tok/sec: {tok_s:.2f}{note}",
                 flush=True,
             )
-        log.write(
-            step,
-            train=loss,
-            lr=lr,
-            norm=norm,
-            toks=cfg.total_batch_size / dt,
-            **({} if applied else {"skip": bad_in_a_row}),
-        )
+        extra = ({} if applied else {"skip": bad_in_a_row}) | ({"mfu": flops * tok_s / peak[0]} if peak else {})
+        log.write(step, train=loss, lr=lr, norm=norm, toks=tok_s, **extra)
         if bad_in_a_row >= 5:
             good = list_checkpoints(cfg.log_dir)
             raise UserError(
@@ -1860,6 +1849,25 @@ def run(cfg: TrainConfig, d: Dist, rt: Runtime, resume_from: tuple[str, dict] | 
         report_benchmark(raw_model, cfg, rt, cfg.total_batch_size, step_times)
 
 
+def prepare_model(
+    cfg: TrainConfig, d: Dist, rt: Runtime, resume_from: tuple[str, dict] | None
+) -> tuple[GPT, nn.Module, Runtime]:
+    """(the model, what the loop calls: compiled and/or wrapped for DDP, the runtime of the training
+    steps). With --fsdp the model is sharded in place, and on CUDA FSDP's mixed precision replaces
+    autocast."""
+    raw_model = build_model(cfg, resume_from).to(rt.device)
+    raw_model.loss_chunk_size = None if cfg.chunked_loss else 0
+    raw_model.activation_checkpointing = cfg.activation_checkpointing
+    if cfg.fsdp:
+        shard_model(raw_model, rt)
+        if rt.device_type == "cuda":
+            rt = Runtime(rt.device, torch.float32)
+    model = torch.compile(raw_model) if cfg.compile else raw_model
+    if d.ddp and not cfg.fsdp:
+        model = DDP(model, device_ids=[d.local_rank] if rt.device_type == "cuda" else None)
+    return raw_model, model, rt
+
+
 def make_loaders(cfg: TrainConfig, d: Dist, vocab_size: int) -> tuple[DataLoaderLite, DataLoaderLite]:
     """This rank's train and val loaders; only the train split is shuffled (with --shuffle)."""
     return tuple(
@@ -1876,16 +1884,21 @@ def due(step: int, every: int, last: bool) -> bool:
     return every > 0 and (step % every == 0 or last)
 
 
+def model_flops_per_token(model: GPT, seq_len: int) -> int:
+    """Training FLOPs per token, as nanoGPT counts them: 6 per weight (forward and backward; wpe is a
+    lookup, not a matmul) plus attention's 12 * n_layer * n_embd * T."""
+    c = model.config
+    return 6 * model.num_params(non_embedding=True) + 12 * c.n_layer * c.n_embd * seq_len
+
+
 def report_benchmark(model: GPT, cfg: TrainConfig, rt: Runtime, tokens_per_step: int, times: list[float]) -> None:
     """tokens/s, ms/step, peak memory and MFU of the timed steps (those after the warmup)."""
     if not times:
         print("benchmark: no timed steps")
         return
-    c = model.config
     step_s = sum(times) / len(times)
     tok_s = tokens_per_step / step_s
-    flops_per_token = 6 * model.num_params(non_embedding=True) + 12 * c.n_layer * c.n_embd * cfg.seq_len
-    achieved = flops_per_token * tok_s
+    achieved = model_flops_per_token(model, cfg.seq_len) * tok_s
     if rt.device_type == "cuda":
         memory = f"{torch.cuda.max_memory_allocated(rt.device) / 2**30:.2f} GiB allocated"
     else:

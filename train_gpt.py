@@ -713,12 +713,20 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         loss = torch.zeros((), dtype=acc, device=x.device)
         grad_x = torch.empty_like(x)  # (N, C)
         grad_w = torch.zeros_like(weight, dtype=acc)  # (V, C)
-        # one logits buffer for every chunk: fresh CPU allocations this size cost page faults
-        buf = torch.empty(min(chunk_size, x.size(0)), w.size(0), dtype=acc, device=x.device) if dt == acc else None
+        # Buffers reused by every chunk: fresh CPU allocations this size (a chunk x V, or V x C)
+        # are mmapped and page-faulted anew each time. torch.mm(out=) bypasses autocast, so its
+        # inputs are cast to dt by hand (xc, w): the result is bitwise what autocast's xc @ w.t() gives.
+        rows = min(chunk_size, x.size(0))
+        buf = torch.empty(rows, w.size(0), dtype=acc, device=x.device)  # logits, then softmax - onehot
+        low = torch.empty(rows, w.size(0), dtype=dt, device=x.device) if dt != acc else None  # dt matmul out, then g
+        gw_low = torch.empty_like(w) if dt != acc else None  # one chunk's d(weight) in dt
         for s in range(0, x.size(0), chunk_size):
             xc = x[s : s + chunk_size].to(dt)  # (r, C)
             r = xc.size(0)
-            logits = torch.mm(xc, w.t(), out=buf[:r]) if buf is not None else (xc @ w.t()).to(acc)  # (r, V)
+            if low is None:
+                logits = torch.mm(xc, w.t(), out=buf[:r])
+            else:
+                logits = buf[:r].copy_(torch.mm(xc, w.t(), out=low[:r]))  # = (xc @ w.t()).to(acc)
             tc = safe_targets[s : s + r]
             target_logit = logits.gather(1, tc).squeeze(1)
             top = logits.amax(dim=1, keepdim=True)
@@ -730,13 +738,13 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             # goes on the thin (rows x C) side of each matmul instead of a pass over rows x V
             e.scatter_add_(1, tc, -total[:, None])
             row = (sc / total)[:, None]
-            g = e.to(dt)
+            g = e if low is None else low[:r].copy_(e)  # = e.to(dt), into the free dt buffer
             grad_x[s : s + r] = ((g @ w) * row).to(x.dtype)
             xs = xc * row.to(dt)
-            if g.dtype == grad_w.dtype:
+            if low is None:
                 grad_w.addmm_(g.t(), xs)
             else:
-                grad_w += (g.t() @ xs).to(acc)
+                grad_w += torch.mm(g.t(), xs, out=gw_low)  # = (g.t() @ xs).to(acc), exact upcast
         ctx.save_for_backward(grad_x, grad_w)
         ctx.weight_dtype = weight.dtype
         return loss
@@ -1499,9 +1507,51 @@ def runtime(device_flag: str, dtype_flag: str, local_rank: int = 0) -> Runtime:
         # bf16 where the GPU computes it natively (Ampere on); emulated bf16 on V100/T4 is slow, so
         # they get fp16 with a GradScaler
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    elif device_flag == "cpu" and cpu_has_native_bf16():
+        dtype = torch.bfloat16
     else:
         dtype = torch.float32
     return Runtime(device, dtype)
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX), so bf16 autocast beats
+    float32; elsewhere bf16 is emulated and far slower. torch.cpu.get_capabilities() is the CPUID
+    decode (the hardware, cached; ATEN_CPU_CAPABILITY does not change it). oneDNN runs CPU bf16
+    matmuls, so it must be on and not capped below AVX512_CORE_BF16 by ONEDNN_MAX_CPU_ISA; a timed
+    probe would also work but costs start-up time and is noisy on a shared machine."""
+    caps = torch.cpu.get_capabilities()
+    if not (caps.get("avx512_bf16") or caps.get("amx_bf16")):
+        return False
+    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+        return False
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").upper()
+    return cap not in {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
+
+
+def measured_matmul_gflops(dtype: torch.dtype, device: str = "cpu", seconds: float = 0.3) -> float:
+    """This device's dense matmul throughput in dtype, measured: square n x n matmuls, n doubling from
+    256 until one takes 15 ms (or n = 2048 on CPU, 8192 on GPU), then timed for about `seconds`."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    n, max_n = 256, 2048 if device == "cpu" else 8192
+    while True:
+        a, b = torch.randn(2, n, n, device=device, dtype=dtype).unbind(0)
+        out = torch.empty(n, n, device=device, dtype=dtype)
+        torch.mm(a, b, out=out)  # warmup: kernel choice, first touch of out
+        sync()
+        t0 = time.perf_counter()
+        torch.mm(a, b, out=out)
+        sync()
+        once = time.perf_counter() - t0
+        if once >= 0.015 or n >= max_n:
+            break
+        n *= 2
+    reps = max(1, min(1000, round(seconds / max(once, 1e-6))))
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        torch.mm(a, b, out=out)
+    sync()
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
 
 
 def is_rank0() -> bool:
@@ -1906,7 +1956,12 @@ def report_benchmark(model: GPT, cfg: TrainConfig, rt: Runtime, tokens_per_step:
 
         memory = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB max RSS"
     peak = peak_flops(rt, cfg.peak_tflops)
-    mfu = f"MFU {100 * achieved / peak[0]:.1f}% of {peak[1]}" if peak else f"{achieved / 1e9:.1f} GFLOP/s achieved"
+    if peak is None and rt.device_type == "cpu":  # no datasheet figure: this machine's own matmul peak
+        gflops = measured_matmul_gflops(rt.dtype)
+        peak = gflops * 1e9, f"{gflops:.0f} GFLOP/s, a measured {str(rt.dtype)[6:]} matmul peak of this CPU"
+    mfu = f"{achieved / 1e9:.1f} GFLOP/s achieved" + (
+        f", MFU {100 * achieved / peak[0]:.1f}% of {peak[1]}" if peak else ""
+    )
     print(
         f"benchmark: {len(times)} steps after {cfg.benchmark_warmup} warmup | dtype {str(rt.dtype)[6:]} | "
         f"{tok_s:,.0f} tok/s | {1000 * step_s:.1f} ms/step | peak memory {memory} | {mfu}"

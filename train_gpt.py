@@ -1801,11 +1801,7 @@ def run(cfg: TrainConfig, d: Dist, rt: Runtime, resume_from: tuple[str, dict] | 
     scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == torch.float16)
     if d.master:
         print(raw_model.optimizer_summary)
-        print(
-            f"model: {raw_model.num_params():,} params {asdict(config)} | device {rt.device} | dtype "
-            f"{str(rt.dtype)[6:]} | world {d.world_size} | total batch {cfg.total_batch_size} = {cfg.batch_size} "
-            f"x {cfg.seq_len} x {d.world_size} x {grad_accum} accumulation steps"
-        )
+        print(f"model: {raw_model.num_params():,} params {asdict(config)} | {describe_setup(cfg, d, rt, grad_accum)}")
     # data, and what the periodic actions need, loaded now so a problem shows before hours of work
     train_loader, val_loader = (None, None) if bench else make_loaders(cfg, d, config.vocab_size)
     next_batch = synthetic_batches(cfg, config.vocab_size) if bench else train_loader.next_batch
@@ -1881,11 +1877,7 @@ def run(cfg: TrainConfig, d: Dist, rt: Runtime, resume_from: tuple[str, dict] | 
         extra = ({} if applied else {"skip": bad_in_a_row}) | ({"mfu": flops * tok_s / peak[0]} if peak else {})
         log.write(step, train=loss, lr=lr, norm=norm, toks=tok_s, **extra)
         if bad_in_a_row >= 5:
-            good = list_checkpoints(cfg.log_dir)
-            raise UserError(
-                f"stopping at step {step}: {bad_in_a_row} steps in a row had a non-finite loss or gradient norm; "
-                f"last good checkpoint: {good[-1][1] if good else 'none'}; lower --max-lr or check the data, then --resume"
-            )
+            raise UserError(f"stopping at step {step}: {bad_in_a_row} steps in a row {too_many_bad_steps(cfg.log_dir)}")
         if stopping and not bench:
             state = checkpoint_state(step + 1, False, val_loss, cfg, raw_model, opts, scaler, train_loader, wandb_id)
             if d.master:
@@ -1897,6 +1889,21 @@ def run(cfg: TrainConfig, d: Dist, rt: Runtime, resume_from: tuple[str, dict] | 
         log.wandb_run.finish()
     if bench and d.master:
         report_benchmark(raw_model, cfg, rt, cfg.total_batch_size, step_times)
+
+
+def describe_setup(cfg: TrainConfig, d: Dist, rt: Runtime, grad_accum: int) -> str:
+    return (
+        f"device {rt.device} | dtype {str(rt.dtype)[6:]} | world {d.world_size} | total batch "
+        f"{cfg.total_batch_size} = {cfg.batch_size} x {cfg.seq_len} x {d.world_size} x {grad_accum} accumulation steps"
+    )
+
+
+def too_many_bad_steps(log_dir: str) -> str:
+    good = list_checkpoints(log_dir)
+    return (
+        f"had a non-finite loss or gradient norm; last good checkpoint: {good[-1][1] if good else 'none'}; "
+        "lower --max-lr or check the data, then --resume"
+    )
 
 
 def prepare_model(

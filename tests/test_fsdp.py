@@ -1,11 +1,13 @@
 """Scaling past one GPU's memory: --fsdp (FSDP2), --activation-checkpointing, header-only data start-up.
 
 The subprocess runs are 2-rank torchrun jobs on CPU (gloo), float32, of the tiny model: 20 steps of 512 tokens,
-so 2 micro-batches a rank (the no-sync path of gradient accumulation runs too), evaluation, HellaSwag (3 rows
+so 2 micro-batches a rank (the no-sync path of gradient accumulation runs too), evaluation, HellaSwag (4 rows
 written here) and sampling at steps 0/10/20, a checkpoint every 5 steps. Each run goes through a probe script
 that wraps train_gpt.shard_model, DDP, gathered and the activation-checkpoint call and prints what really
 happened on each rank (parameters sharded and the elements each rank holds, DDP wrapping, weights gathered for
-evaluation, blocks recomputed), then calls train_gpt.main as `python train_gpt.py` would.
+evaluation, blocks recomputed), then calls train_gpt.main as `python train_gpt.py` would. The probe also
+records each worker's pid: torchrun starts its workers in sessions of their own, so a kill -9 of torchrun's
+process group alone would leave them training.
 
 What the runs are compared with, and how closely:
 - FSDP against DDP, two ranks each: the losses as printed, the evaluation lines, the samples and the final
@@ -67,7 +69,7 @@ N_TENSORS = 28
 PROBE_NAME = "fsdp_probe.py"
 
 PROBE = """
-import atexit, os, sys
+import atexit, io, os, sys
 from contextlib import contextmanager
 
 # first of all, so the test can kill -9 this worker (torchrun starts each in a session of its own)
@@ -79,11 +81,12 @@ from torch.distributed.tensor import DTensor
 import train_gpt
 
 rank = os.environ.get("RANK", "-")
+# both ranks share torchrun's stdout: one write() a line (print() makes two), so lines of two ranks never mix
+sys.stdout = io.TextIOWrapper(io.BufferedWriter(io.FileIO(1, "w", closefd=False)), line_buffering=True)
 
 
 def say(text):
-    sys.stdout.flush()
-    os.write(1, f"probe: rank {{rank}} {{text}}\\n".encode())  # one write: lines of two ranks never mix
+    print(f"probe: rank {{rank}} {{text}}", flush=True)
 
 
 shard_model = train_gpt.shard_model
@@ -172,29 +175,14 @@ def setup(tmp_path_factory) -> Setup:
 
 
 def flags(setup: Setup, log: Path, *extra: str) -> list[str]:
-    return [
-        *FLAGS,
-        "--hellaswag-dir",
-        str(setup.hellaswag),
-        "--data-dir",
-        str(setup.data),
-        "--log-dir",
-        str(log),
-        *extra,
-    ]
+    paths = ["--hellaswag-dir", str(setup.hellaswag), "--data-dir", str(setup.data), "--log-dir", str(log)]
+    return [*FLAGS, *paths, *extra]
 
 
 def torchrun(setup: Setup, *args: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        str(setup.probe),
-        *args,
-    ]
+    """2 ranks on this machine; --standalone picks a free rendezvous port for each job."""
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    return [sys.executable, *launcher, str(setup.probe), *args]
 
 
 def plain(setup: Setup, *args: str) -> list[str]:
@@ -209,7 +197,8 @@ class Launch:
     def __init__(self, args: list[str], timeout: float = TIMEOUT):
         self.pid_dir = Path(tempfile.mkdtemp(prefix="probe_pids_"))
         self.err = tempfile.TemporaryFile("w+")  # a file, not a pipe: an unread stderr can never block the child
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PROBE_PID_DIR": str(self.pid_dir)}
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"}
+        env["PROBE_PID_DIR"] = str(self.pid_dir)
         self.p = subprocess.Popen(
             args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=self.err, text=True, start_new_session=True
         )

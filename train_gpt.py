@@ -1387,6 +1387,8 @@ def resume_config(cfg: TrainConfig, given: set[str], checkpoint: dict, path: str
             f"it, or start a new run in another --log-dir with --init-from {path}"
         )
     restored = {k: v for k, v in saved.items() if k not in given}
+    if restored.get("fsdp") and "RANK" not in os.environ:
+        del restored["fsdp"]  # FSDP shards over torchrun's ranks; one plain process holds the whole model anyway
     new = replace(cfg, **restored)
     if is_rank0():
         changed = [f"{k}={v}" for k, v in restored.items() if v != getattr(cfg, k)]

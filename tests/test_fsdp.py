@@ -509,12 +509,15 @@ def test_fsdp_run_resumes_in_one_process_with_resume_alone(shards, tmp_path, mon
         monkeypatch.delenv(name, raising=False)
     log = tmp_path / "log"
     path = fake_fsdp_run(shards, log)
-    code = 0
+    code, handlers = 0, {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     with torch.random.fork_rng(devices=[]):
         try:
             train_gpt.main(["--log-dir", str(log), "--resume"])
         except SystemExit as e:
             code = e.code
+        finally:
+            for s, handler in handlers.items():  # the run's StopFlag took them
+                signal.signal(s, handler)
     out, err = capsys.readouterr()
     assert code == 0, err
     assert f"resume: restored the run's flags from {path}: " in out and "resuming at step 12" in out

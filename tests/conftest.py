@@ -1,8 +1,12 @@
 """Shared test helpers: the repo on sys.path, tiny shards, and running the scripts as a user would."""
 
 import os
+import re
+import signal
 import subprocess
 import sys
+import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -56,3 +60,86 @@ def train_losses(stdout: str) -> dict[int, float]:
             parts = line.split("|")
             out[int(parts[0].split()[1])] = float(parts[1].split(":")[1])
     return out
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below pid, found through /proc's parent links: torchrun starts its workers in
+    sessions of their own, so signalling a process group would miss them."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+class Launch:
+    """A process in its own session, stdout read line by line, killed with all its descendants (torchrun's
+    workers too) on exit or when its timeout expires."""
+
+    def __init__(self, args: list[str], env: dict | None = None, timeout: float = 180):
+        self.err = tempfile.TemporaryFile("w+")  # a file, not a pipe: an unread stderr can never block the child
+        env = env or {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        self.p = subprocess.Popen(
+            args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=self.err, text=True, start_new_session=True
+        )
+        self.lines: list[str] = []
+        self.timed_out = False
+        self.watchdog = threading.Timer(timeout, self._expire)
+        self.watchdog.daemon = True
+        self.watchdog.start()
+
+    def _expire(self) -> None:
+        self.timed_out = True
+        self.kill()
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        for pid in [*descendants(self.p.pid), self.p.pid]:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def wait_line(self, pattern: str) -> re.Match:
+        """Read stdout up to the first line matching pattern."""
+        while line := self.p.stdout.readline():
+            self.lines.append(line)
+            if m := re.search(pattern, line):
+                return m
+        raise AssertionError(f"output ended (timed out: {self.timed_out}) before {pattern!r}:\n{self.report()}")
+
+    def finish(self) -> int:
+        """Read the rest of stdout and reap the process; the watchdog bounds both."""
+        self.lines.append(self.p.stdout.read())
+        return self.p.wait()
+
+    @property
+    def stdout(self) -> str:
+        return "".join(self.lines)
+
+    @property
+    def stderr(self) -> str:
+        self.err.seek(0)
+        return self.err.read()
+
+    def report(self) -> str:
+        return f"--- stdout\n{self.stdout}\n--- stderr\n{self.stderr}"
+
+    def __enter__(self) -> "Launch":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.watchdog.cancel()
+        self.kill()  # leftovers: torchrun workers, or a run a failed assertion left behind
+        self.p.wait()
+        self.p.stdout.close()
+        self.err.close()

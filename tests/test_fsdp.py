@@ -30,17 +30,14 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import sys
-import tempfile
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TINY, run_script, write_shards
+from conftest import ROOT, TINY, Launch, run_script, write_shards
 from test_data import too_large_message
 from test_resume import loss_strings, read_log, resumed_from
 
@@ -67,13 +64,12 @@ HELLASWAG_ROWS = [
 N_PARAMS = 1_667_968  # the tiny model's parameters, the tied wte/lm_head counted once (28 tensors)
 N_TENSORS = 28
 PROBE_NAME = "fsdp_probe.py"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"}
 
 PROBE = """
 import atexit, io, os, sys
 from contextlib import contextmanager
 
-# first of all, so the test can kill -9 this worker (torchrun starts each in a session of its own)
-open(os.path.join(os.environ["PROBE_PID_DIR"], str(os.getpid())), "w").close()
 sys.path.insert(0, {root!r})
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
@@ -189,84 +185,8 @@ def plain(setup: Setup, *args: str) -> list[str]:
     return [sys.executable, str(setup.probe), *args]
 
 
-class Launch:
-    """test_resume's Launch, for torchrun jobs: torchrun starts each worker in a session of its own, so killing
-    torchrun's process group leaves the workers running (and holding stdout). The probe records each worker's
-    pid; kill() signals torchrun's group and every worker of this launch, by pid."""
-
-    def __init__(self, args: list[str], timeout: float = TIMEOUT):
-        self.pid_dir = Path(tempfile.mkdtemp(prefix="probe_pids_"))
-        self.err = tempfile.TemporaryFile("w+")  # a file, not a pipe: an unread stderr can never block the child
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"}
-        env["PROBE_PID_DIR"] = str(self.pid_dir)
-        self.p = subprocess.Popen(
-            args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=self.err, text=True, start_new_session=True
-        )
-        self.lines: list[str] = []
-        self.timed_out = False
-        self.watchdog = threading.Timer(timeout, self._expire)
-        self.watchdog.daemon = True
-        self.watchdog.start()
-
-    def _expire(self) -> None:
-        self.timed_out = True
-        self.kill()
-
-    def workers(self) -> list[int]:
-        """The live processes this launch started through the probe (a pid is checked before it is signalled)."""
-        pids = []
-        for f in self.pid_dir.iterdir():
-            try:
-                if str(PROBE_NAME) in Path(f"/proc/{f.name}/cmdline").read_bytes().decode(errors="replace"):
-                    pids.append(int(f.name))
-            except OSError:
-                pass
-        return pids
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        for pid in [*self.workers(), None]:
-            try:
-                os.kill(pid, sig) if pid else os.killpg(self.p.pid, sig)
-            except ProcessLookupError:
-                pass
-
-    def wait_line(self, pattern: str) -> re.Match:
-        while line := self.p.stdout.readline():
-            self.lines.append(line)
-            if m := re.search(pattern, line):
-                return m
-        raise AssertionError(f"output ended (timed out: {self.timed_out}) before {pattern!r}:\n{self.report()}")
-
-    def finish(self) -> int:
-        self.lines.append(self.p.stdout.read())
-        return self.p.wait()
-
-    @property
-    def stdout(self) -> str:
-        return "".join(self.lines)
-
-    @property
-    def stderr(self) -> str:
-        self.err.seek(0)
-        return self.err.read()
-
-    def report(self) -> str:
-        return f"--- stdout\n{self.stdout}\n--- stderr\n{self.stderr}"
-
-    def __enter__(self) -> "Launch":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.watchdog.cancel()
-        self.kill()  # leftovers of a failed assertion
-        self.p.wait()
-        self.p.stdout.close()
-        self.err.close()
-        shutil.rmtree(self.pid_dir, ignore_errors=True)
-
-
 def launch_ok(cmd: list[str], log: Path) -> Run:
-    with Launch(cmd, TIMEOUT) as run:
+    with Launch(cmd, ENV, TIMEOUT) as run:
         code = run.finish()
         stdout, stderr = run.stdout, run.stderr
         assert code == 0, run.report()
@@ -405,7 +325,7 @@ def test_fsdp_matches_ddp_losses_evaluations_samples_and_final_weights(fsdp_ref,
 @pytest.mark.slow
 def test_fsdp_kill9_then_resume_reproduces_the_uninterrupted_run(setup, fsdp_ref, tmp_path):
     log = tmp_path / "log"
-    with Launch(torchrun(setup, *flags(setup, log, "--fsdp")), TIMEOUT) as run:
+    with Launch(torchrun(setup, *flags(setup, log, "--fsdp")), ENV, TIMEOUT) as run:
         run.wait_line(r"^step\s+12 \|")
         workers = run.workers()
         assert len(workers) == 2

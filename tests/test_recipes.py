@@ -18,10 +18,7 @@ import re
 import shutil
 import signal
 import struct
-import subprocess
 import sys
-import tempfile
-import threading
 import zlib
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -29,7 +26,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, TINY, write_shards
+from conftest import TINY, Launch, write_shards
+from test_resume import restored_flags, resumed_from
 
 import train_gpt
 
@@ -47,8 +45,6 @@ COMMON = [
 WSD = ["--lr-schedule", "wsd", "--cooldown-frac", "0.25"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 STEP_RE = re.compile(r"^step\s+(\d+) \| loss: (\S+) \| lr (\S+) \| norm: (\S+) \| dt: (\S+)ms \| tok/sec: (\S+)", re.M)
-RESTORED_RE = re.compile(r"^resume: restored the run's flags from (\S+\.pt): (.*)$", re.M)
-RESUMED_RE = re.compile(r"^resuming at step (\d+)$", re.M)
 STOPPED_RE = re.compile(r"^stopped at step (\d+): checkpoint written to (\S+); continue with --resume$", re.M)
 # log.txt's precision of each stream, restated here rather than read from train_gpt
 LOG_FORMATS = {"train": ".6f", "lr": ".6e", "toks": ".0f", "skip": ".0f", "val": ".4f", "norm": ".4f", "hella": ".4f"}
@@ -68,17 +64,6 @@ def step_fields(stdout: str) -> dict[int, dict[str, str]]:
     """step -> the printed loss, lr, norm, dt and tok/sec of its stdout line."""
     names = ("loss", "lr", "norm", "dt", "toks")
     return {int(m.group(1)): dict(zip(names, m.groups()[1:])) for m in STEP_RE.finditer(stdout)}
-
-
-def resumed_from(stdout: str) -> tuple[str, int]:
-    restored, resumed = RESTORED_RE.findall(stdout), RESUMED_RE.findall(stdout)
-    assert len(restored) == len(resumed) == 1, stdout
-    return restored[0][0], int(resumed[0])
-
-
-def restored_flags(stdout: str) -> dict[str, str]:
-    (listed,) = [m.group(2) for m in RESTORED_RE.finditer(stdout)]
-    return {} if listed == "all were the defaults" else dict(item.split("=", 1) for item in listed.split(", "))
 
 
 def log_lines(log: Path, timing: bool = False) -> list[str]:
@@ -117,64 +102,6 @@ def optimizer_state(c: dict) -> tuple[dict[str, dict], list[dict]]:
         state.update({order[i]: s for i, s in sd["state"].items()})
         groups += [{**g, "params": [order[i] for i in g["params"]]} for g in sd["param_groups"]]
     return state, groups
-
-
-class Launch:
-    """A process in its own session, stdout read line by line, killed (with its whole tree) on exit or timeout."""
-
-    def __init__(self, args: list[str], env: dict | None = None, timeout: float = TIMEOUT):
-        self.err = tempfile.TemporaryFile("w+")  # a file, not a pipe: an unread stderr can never block the child
-        self.p = subprocess.Popen(
-            args, cwd=ROOT, env=env or ENV, stdout=subprocess.PIPE, stderr=self.err, text=True, start_new_session=True
-        )
-        self.lines: list[str] = []
-        self.timed_out = False
-        self.watchdog = threading.Timer(timeout, self._expire)
-        self.watchdog.daemon = True
-        self.watchdog.start()
-
-    def _expire(self) -> None:
-        self.timed_out = True
-        self.kill()
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        try:
-            os.killpg(self.p.pid, sig)
-        except ProcessLookupError:
-            pass
-
-    def wait_line(self, pattern: str) -> re.Match:
-        while line := self.p.stdout.readline():
-            self.lines.append(line)
-            if m := re.search(pattern, line):
-                return m
-        raise AssertionError(f"output ended (timed out: {self.timed_out}) before {pattern!r}:\n{self.report()}")
-
-    def finish(self) -> int:
-        self.lines.append(self.p.stdout.read())
-        return self.p.wait()
-
-    @property
-    def stdout(self) -> str:
-        return "".join(self.lines)
-
-    @property
-    def stderr(self) -> str:
-        self.err.seek(0)
-        return self.err.read()
-
-    def report(self) -> str:
-        return f"--- stdout\n{self.stdout}\n--- stderr\n{self.stderr}"
-
-    def __enter__(self) -> "Launch":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.watchdog.cancel()
-        self.kill()
-        self.p.wait()
-        self.p.stdout.close()
-        self.err.close()
 
 
 def run_ok(*args: str, env: dict | None = None) -> str:

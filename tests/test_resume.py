@@ -17,15 +17,13 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY, run_script, train_losses, write_shards
+from conftest import TINY, Launch, run_script, train_losses, write_shards
 
 import train_gpt
 
@@ -103,68 +101,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class Launch:
-    """A process in its own session, stdout read line by line, killed (with its whole tree) on exit or timeout."""
-
-    def __init__(self, args: list[str], timeout: float = TIMEOUT):
-        self.err = tempfile.TemporaryFile("w+")  # a file, not a pipe: an unread stderr can never block the child
-        self.p = subprocess.Popen(
-            args, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=self.err, text=True, start_new_session=True
-        )
-        self.lines: list[str] = []
-        self.timed_out = False
-        self.watchdog = threading.Timer(timeout, self._expire)
-        self.watchdog.daemon = True
-        self.watchdog.start()
-
-    def _expire(self) -> None:
-        self.timed_out = True
-        self.kill()
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        try:
-            os.killpg(self.p.pid, sig)
-        except ProcessLookupError:
-            pass
-
-    def wait_line(self, pattern: str) -> re.Match:
-        """Read stdout up to the first line matching pattern."""
-        while line := self.p.stdout.readline():
-            self.lines.append(line)
-            if m := re.search(pattern, line):
-                return m
-        raise AssertionError(f"output ended (timed out: {self.timed_out}) before {pattern!r}:\n{self.report()}")
-
-    def finish(self) -> int:
-        """Read the rest of stdout and reap the process; the watchdog bounds both."""
-        self.lines.append(self.p.stdout.read())
-        return self.p.wait()
-
-    @property
-    def stdout(self) -> str:
-        return "".join(self.lines)
-
-    @property
-    def stderr(self) -> str:
-        self.err.seek(0)
-        return self.err.read()
-
-    def report(self) -> str:
-        return f"--- stdout\n{self.stdout}\n--- stderr\n{self.stderr}"
-
-    def __enter__(self) -> "Launch":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.watchdog.cancel()
-        self.kill()  # leftovers: torchrun workers, or a run a failed assertion left behind
-        self.p.wait()
-        self.p.stdout.close()
-        self.err.close()
-
-
 def python(*args: str, timeout: float = TIMEOUT) -> Launch:
-    return Launch([sys.executable, *args], timeout)
+    return Launch([sys.executable, *args], ENV, timeout)
 
 
 def run_ok(*args: str) -> subprocess.CompletedProcess:

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TINY, Launch, run_script, write_shards
+from conftest import ROOT, TINY, Launch, descendants, run_script, write_shards
 from test_data import too_large_message
 from test_resume import loss_strings, read_log, resumed_from
 
@@ -327,11 +327,11 @@ def test_fsdp_kill9_then_resume_reproduces_the_uninterrupted_run(setup, fsdp_ref
     log = tmp_path / "log"
     with Launch(torchrun(setup, *flags(setup, log, "--fsdp")), ENV, TIMEOUT) as run:
         run.wait_line(r"^step\s+12 \|")
-        workers = run.workers()
+        workers = [pid for pid in descendants(run.p.pid) if PROBE_NAME in Path(f"/proc/{pid}/cmdline").read_text()]
         assert len(workers) == 2
         run.kill()  # the whole job at once, as when its machine goes down
         assert run.finish() == -signal.SIGKILL, run.report()
-        assert run.workers() == []
+        assert descendants(run.p.pid) == []
         killed = loss_strings(run.stdout)
     assert set(range(13)) <= set(killed) and killed == {s: fsdp_ref.losses[s] for s in killed}
     assert "model_00010.pt" in checkpoints(log) and "model_00020.pt" not in checkpoints(log), "not cut short"

@@ -162,6 +162,11 @@ def os_error_text(e: OSError) -> str:
     return reason[0].lower() + reason[1:]
 
 
+def is_rank0() -> bool:
+    """Rank 0 of a torchrun job, or a plain process; usable before any process group exists."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> None:
     """Run a script's main(argv): a UserError or a filesystem error becomes one `error:` line and
     exit 1 (printed by rank 0 only under torchrun, though every rank exits 1); Ctrl-C exits 130."""
@@ -177,7 +182,7 @@ def cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) 
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         sys.exit(130)
-    if os.environ.get("RANK", "0") == "0":
+    if is_rank0():
         print(f"error: {message}", file=sys.stderr)
     sys.exit(1)
 

@@ -60,6 +60,7 @@ from fineweb import (
     flag,
     get_tokenizer,
     gpt2_bpe_files,
+    is_rank0,
     os_error_text,
     parse_config,
     write_atomic,
@@ -670,7 +671,10 @@ def token_nll(
     """Per-position negative log-likelihood, 0 where the target is ignored; no gradients (scoring)."""
     shape = targets.shape
     x, targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)
-    chunk_size = chunk_size or loss_chunk_rows(x.device.type) if chunk_size != 0 else max(x.size(0), 1)
+    if chunk_size is None:
+        chunk_size = loss_chunk_rows(x.device.type)
+    elif chunk_size == 0:
+        chunk_size = max(x.size(0), 1)  # the plain version: all rows at once
     w = weight.to(compute_dtype(x))
     acc = accumulate_dtype(w.dtype)
     out = torch.zeros(targets.shape, dtype=acc, device=x.device)
@@ -1554,11 +1558,6 @@ def measured_matmul_gflops(dtype: torch.dtype, device: str = "cpu", seconds: flo
         torch.mm(a, b, out=out)
     sync()
     return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
-
-
-def is_rank0() -> bool:
-    """Rank 0 of a torchrun job, or a plain process; usable before the process group exists."""
-    return os.environ.get("RANK", "0") == "0"
 
 
 @dataclass

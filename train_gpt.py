@@ -1593,6 +1593,14 @@ def shard_model(model: GPT, rt: Runtime) -> None:
     for block in model.transformer.h:
         fully_shard(block, reshard_after_forward=True, **({"mp_policy": mp} if mp else {}))
     fully_shard(model, reshard_after_forward=False, **({"mp_policy": mp} if mp else {}))
+    # Backward prefetch stated outright: each block gathers the one before it, as FSDP2 would infer
+    # for a plain stack. Left to infer, FSDP2 reads the order of the latest forward calls, and rank
+    # 0's sampling alone would make the ranks issue different all-gathers (gloo aborts with
+    # "collective mismatch", NCCL hangs). Block 0 names the root, whole until backward ends: a no-op.
+    blocks = list(model.transformer.h)
+    model.set_modules_to_backward_prefetch(blocks[-1:])
+    for i, block in enumerate(blocks):
+        block.set_modules_to_backward_prefetch([blocks[i - 1] if i > 0 else model])
 
 
 @contextmanager
@@ -2008,6 +2016,11 @@ def train(cfg: TrainConfig, given: set[str]) -> None:
                 error = e
         all_ranks_ok(d, rt, error)
         run(cfg, d, rt, resume_from, hellaswag)
+        if d.ddp:
+            # every rank's last collectives end here, while Python is whole: gloo's worker threads free
+            # a finished collective's tensors a moment later, and doing so in an exiting interpreter
+            # aborts the process ("terminate called without an active exception", pytorch#190489)
+            dist.barrier()
     finally:
         if d.ddp:
             dist.destroy_process_group()

@@ -2,7 +2,10 @@
 
 The subprocess runs are 2-rank torchrun jobs on CPU (gloo), float32, of the tiny model: 20 steps of 512 tokens,
 so 2 micro-batches a rank (the no-sync path of gradient accumulation runs too), evaluation, HellaSwag (4 rows
-written here) and sampling at steps 0/10/20, a checkpoint every 5 steps. Each run goes through a probe script
+written here) at steps 0/10/20, sampling at steps 5/10/15/20, a checkpoint every 5 steps. Rank 0 samples alone
+and, at steps 5 and 15, with no evaluation beside it: left to itself FSDP2 plans the next backward's all-gathers
+from the forward calls it has just seen, and before shard_model() stated them outright these runs aborted at step 5
+with a gloo "collective mismatch". Each run goes through a probe script
 that wraps train_gpt.shard_model, DDP, gathered and the activation-checkpoint call and prints what really
 happened on each rank (parameters sharded and the elements each rank holds, DDP wrapping, weights gathered for
 evaluation, blocks recomputed), then calls train_gpt.main as `python train_gpt.py` would. The probe also
@@ -53,7 +56,7 @@ FLAGS = [
     "--batch-size", "4", "--seq-len", "32", "--total-batch-size", "512",
     "--max-lr", "6e-3", "--min-lr", "6e-4", "--warmup-steps", "4", "--max-steps", str(MAX_STEPS),
     "--eval-every", "10", "--eval-steps", "1", "--save-every", str(STEPS_PER_SAVE),
-    "--hellaswag-every", "10", "--sample-every", "10",
+    "--hellaswag-every", "10", "--sample-every", "5",
 ]  # fmt: skip
 HELLASWAG_ROWS = [
     {"ctx": "The man picks up the guitar and", "endings": ["plays a song.", "eats it.", "flies away.", "is a cat."]},
@@ -280,7 +283,7 @@ def test_fsdp_matches_ddp_losses_evaluations_samples_and_final_weights(fsdp_ref,
 
     # evaluation, HellaSwag and sampling ran under FSDP, on the weights gathered on both ranks, and say what DDP's do
     gathers = GATHERED_RE.findall(fsdp)
-    assert sorted(r for r, _, _ in gathers) == ["0"] * 3 + ["1"] * 3  # steps 0, 10 and 20
+    assert sorted(r for r, _, _ in gathers) == ["0"] * 5 + ["1"] * 5  # steps 0, 5, 10, 15 and 20
     assert all((n, of) == (str(N_TENSORS), str(N_TENSORS)) for _, n, of in gathers)
     vals = [[float(v) for v in VAL_RE.findall(out)] for out in (fsdp, ddp)]
     assert len(vals[0]) == len(vals[1]) == 3
@@ -288,7 +291,7 @@ def test_fsdp_matches_ddp_losses_evaluations_samples_and_final_weights(fsdp_ref,
     hella = [HELLA_RE.findall(out) for out in (fsdp, ddp)]
     assert len(hella[0]) == 3 and hella[0] == hella[1]
     samples = [SAMPLE_RE.findall(out) for out in (fsdp, ddp)]
-    assert len(samples[0]) == 8 and samples[0] == samples[1]  # 4 at step 10, 4 at step 20, rank 0 alone
+    assert len(samples[0]) == 16 and samples[0] == samples[1]  # 4 at each of steps 5, 10, 15, 20, rank 0 alone
     assert all(s.startswith("rank 0 sample ") and ", I'm a language model," in s for s in samples[0])
     lines = {out: read_log(run.log) for out, run in (("fsdp", fsdp_ref), ("ddp", ddp_ref))}
     assert [line.split()[:2] for line in lines["fsdp"]] == [line.split()[:2] for line in lines["ddp"]]

@@ -42,7 +42,7 @@ import pytest
 import torch
 from conftest import ROOT, TINY, Launch, descendants, run_script, write_shards
 from test_data import too_large_message
-from test_resume import loss_strings, read_log, resumed_from
+from test_resume import STOPPED_RE, loss_strings, read_log, resumed_from
 
 import train_gpt
 from fineweb import write_shard
@@ -354,6 +354,46 @@ def test_fsdp_kill9_then_resume_reproduces_the_uninterrupted_run(setup, fsdp_ref
     assert all(torch.equal(final["model"][k], ref["model"][k]) for k in ref["model"])
     assert all(torch.equal(t, optimizer_tensors(ref)[k]) for k, t in optimizer_tensors(final).items())
     print(f"FSDP kill -9 at step 12, resumed at step {start}: losses, log and final weights bit-exact")
+
+
+@pytest.mark.slow
+def test_fsdp_nan_guard_and_sigterm_checkpoint_then_resume_exactly(setup, fsdp_ref, tmp_path):
+    """The non-finite guard and SIGTERM checkpointing under FSDP. Step 3 is poisoned on both ranks and skipped;
+    SIGTERM goes to torchrun, as a scheduler sends it: torchrun passes it to its workers, which finish the step
+    they are in, checkpoint and stop; --resume then prints the uninterrupted run's losses."""
+    extra = ["--fsdp", "--inject-nan-steps", "3", "--max-steps", "10"]
+    ref = launch_ok(torchrun(setup, *flags(setup, tmp_path / "ref", *extra)), tmp_path / "ref")
+    assert_sharded(ref.stdout)
+    steps = {int(m.group(1)): m.group(0) for m in re.finditer(r"^step\s+(\d+) \|.*$", ref.stdout, re.M)}
+    assert sorted(steps) == list(range(10))
+    assert steps[3].endswith(" | skipped: non-finite loss or grad norm (1 in a row)") and "loss: nan" in steps[3]
+    assert not any("skipped" in steps[s] for s in steps if s != 3)
+    # steps 0-2 are fsdp_ref's (the same flags, and warmup makes 10 or 20 steps no different yet)
+    assert {s: ref.losses[s] for s in (0, 1, 2)} == {s: fsdp_ref.losses[s] for s in (0, 1, 2)}
+    # the skipped step was no AdamW step on either rank's shards: 10 steps, 9 updates
+    assert {int(s["step"]) for s in load(ref.log, 10)["optimizer"]["state"].values()} == {9}
+
+    log = tmp_path / "log"
+    with Launch(torchrun(setup, *flags(setup, log, *extra)), ENV, TIMEOUT) as run:
+        run.wait_line(r"^step\s+5 \|")
+        run.p.send_signal(signal.SIGTERM)
+        code = run.finish()  # torchrun ends with its own SignalException report once its workers have stopped
+        out = run.stdout
+    assert code in (0, 1), run.report()
+    assert out.count("SIGTERM: finishing this step, then checkpoint and exit (again to abort)") == 1  # rank 0 alone
+    m = STOPPED_RE.search(out)
+    assert m, run.report()
+    stop = int(m.group(1))
+    assert 5 < stop < 10 and m.group(2) == str(log / f"model_{stop:05d}.pt")
+    assert loss_strings(out) == {s: ref.losses[s] for s in range(stop)}
+
+    r = launch_ok(torchrun(setup, *flags(setup, log, *extra, "--resume")), log)
+    assert resumed_from(r.stdout) == (str(log / f"model_{stop:05d}.pt"), stop)
+    assert r.losses == {s: ref.losses[s] for s in range(stop, 10)}
+    assert read_log(log) == read_log(ref.log)
+    final, whole = load(log, 10), load(ref.log, 10)
+    assert all(torch.equal(final["model"][k], whole["model"][k]) for k in whole["model"])
+    print(f"FSDP: step 3 skipped; SIGTERM after step 5 stopped at step {stop}; resumed bit-exact")
 
 
 # -----------------------------------------------------------------------------

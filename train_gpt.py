@@ -1492,6 +1492,10 @@ class Runtime:
     def device_type(self) -> str:
         return self.device.split(":")[0]
 
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")  # "bfloat16"
+
     def autocast(self) -> AbstractContextManager:
         if self.dtype == torch.float32:
             return nullcontext()
@@ -1590,14 +1594,14 @@ def shard_model(model: GPT, rt: Runtime) -> None:
     wte is also lm_head, and ln_f) another. On CUDA, bf16 weights and compute with float32 gradient
     reduction replace autocast; on CPU it stays float32."""
     mp = MixedPrecisionPolicy(param_dtype=rt.dtype, reduce_dtype=torch.float32) if rt.device_type == "cuda" else None
-    for block in model.transformer.h:
+    blocks = list(model.transformer.h)
+    for block in blocks:
         fully_shard(block, reshard_after_forward=True, **({"mp_policy": mp} if mp else {}))
     fully_shard(model, reshard_after_forward=False, **({"mp_policy": mp} if mp else {}))
     # Backward prefetch stated outright: each block gathers the one before it, as FSDP2 would infer
     # for a plain stack. Left to infer, FSDP2 reads the order of the latest forward calls, and rank
     # 0's sampling alone would make the ranks issue different all-gathers (gloo aborts with
-    # "collective mismatch", NCCL hangs). Block 0 names the root, whole until backward ends: a no-op.
-    blocks = list(model.transformer.h)
+    # "collective mismatch"). Block 0 names the root, whole until backward ends: a no-op.
     model.set_modules_to_backward_prefetch(blocks[-1:])
     for i, block in enumerate(blocks):
         block.set_modules_to_backward_prefetch([blocks[i - 1] if i > 0 else model])
@@ -1902,7 +1906,7 @@ def run(cfg: TrainConfig, d: Dist, rt: Runtime, resume_from: tuple[str, dict] | 
 
 def describe_setup(cfg: TrainConfig, d: Dist, rt: Runtime, grad_accum: int) -> str:
     return (
-        f"device {rt.device} | dtype {str(rt.dtype)[6:]} | world {d.world_size} | total batch "
+        f"device {rt.device} | dtype {rt.dtype_name} | world {d.world_size} | total batch "
         f"{cfg.total_batch_size} = {cfg.batch_size} x {cfg.seq_len} x {d.world_size} x {grad_accum} accumulation steps"
     )
 
@@ -1974,12 +1978,12 @@ def report_benchmark(model: GPT, cfg: TrainConfig, rt: Runtime, tokens_per_step:
     peak = peak_flops(rt, cfg.peak_tflops)
     if peak is None and rt.device_type == "cpu":  # no datasheet figure: this machine's own matmul peak
         gflops = measured_matmul_gflops(rt.dtype)
-        peak = gflops * 1e9, f"{gflops:.0f} GFLOP/s, a measured {str(rt.dtype)[6:]} matmul peak of this CPU"
+        peak = gflops * 1e9, f"{gflops:.0f} GFLOP/s, a measured {rt.dtype_name} matmul peak of this CPU"
     mfu = f"{achieved / 1e9:.1f} GFLOP/s achieved" + (
         f", MFU {100 * achieved / peak[0]:.1f}% of {peak[1]}" if peak else ""
     )
     print(
-        f"benchmark: {len(times)} steps after {cfg.benchmark_warmup} warmup | dtype {str(rt.dtype)[6:]} | "
+        f"benchmark: {len(times)} steps after {cfg.benchmark_warmup} warmup | dtype {rt.dtype_name} | "
         f"{tok_s:,.0f} tok/s | {1000 * step_s:.1f} ms/step | peak memory {memory} | {mfu}"
     )
 

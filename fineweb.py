@@ -16,19 +16,17 @@ the last complete shard and produces byte-identical output.
     python fineweb.py                                   # stream sample-10BT (needs `datasets`)
     python fineweb.py --input a.jsonl b.parquet --output-dir data --shard-size 1000000
 
-This module must not import torch: train_gpt.py imports it, and every spawned
-tokenizer worker imports it again, so it has to stay light.
+This module must not import torch: train_gpt.py imports it (the shard format and the
+tokenizer), and every spawned tokenizer worker imports it again, so it has to stay light.
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
 import gzip
 import hashlib
 import importlib.util
 import json
-import math
 import multiprocessing as mp
 import os
 import re
@@ -37,14 +35,16 @@ import sys
 import time
 import zlib
 from collections.abc import Callable, Generator, Iterable, Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, NoReturn, TypeVar
+from typing import Any, BinaryIO
 
 import numpy as np
 import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 from tqdm import tqdm
+
+from cli import UserError, cli, flag, parse_config, write_atomic
 
 EOT = 50256  # <|endoftext|>, which also starts every document
 BIN_MAGIC = 20240520  # llm.c's magic number for GPT-2 token files
@@ -64,162 +64,6 @@ GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2
 BATCH_SIZE = 256
 
 Documents = Generator[str, None, int]  # yields texts, returns how many it skipped
-Config = TypeVar("Config")
-
-
-# -----------------------------------------------------------------------------
-# shared by all four scripts (they import this file): the error type, flags
-# declared once with their valid range, the CLI wrapper and atomic writes
-
-
-class UserError(Exception):
-    """A mistake the user can fix (a flag, a file, a directory): cli() prints it as one
-    `error: ...` line and exits 1, with no traceback."""
-
-
-def flag(
-    default: Any,
-    help: str,
-    *,
-    lo: float | None = None,
-    gt: float | None = None,
-    hi: float | None = None,
-    choices: tuple[str, ...] | None = None,
-    metavar: str | None = None,
-) -> Any:
-    """A config field that is also a command-line flag: default, help and valid range in one place
-    (lo <= value, gt < value, value <= hi)."""
-    return field(default=default, metadata=dict(help=help, lo=lo, gt=gt, hi=hi, choices=choices, metavar=metavar))
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:  # one line through cli(), not argparse's usage block
-        raise UserError(f"{message} (see --help)")
-
-
-def _flag_name(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _range_text(m: Any) -> str:
-    bounds = [(">=", m["lo"]), (">", m["gt"]), ("<=", m["hi"])]
-    return " and ".join(f"{op} {bound}" for op, bound in bounds if bound is not None)
-
-
-def integer(text: str) -> int:
-    """An int flag also takes an integral float such as 1e8 (a big number is easier to type so)."""
-    try:
-        return int(text)
-    except ValueError:
-        number = float(text)
-        if not number.is_integer() or abs(number) > 2**53:  # beyond 2**53 a float is not exact
-            raise
-        return int(number)
-
-
-def config_parser(cls: type, description: str) -> argparse.ArgumentParser:
-    """argparse flags derived from a config dataclass: --field-name, with its type, help and range."""
-    parser = _Parser(description=description, argument_default=argparse.SUPPRESS)
-    for f in fields(cls):
-        m = f.metadata
-        kind = str(f.type).replace(" | None", "")
-        help = m["help"]
-        if help != argparse.SUPPRESS:
-            bounds = _range_text(m)
-            help += f" [{bounds}]" if bounds else ""
-            help += f" (default: {f.default})" if f.default not in (None, "") else ""
-        kwargs: dict[str, Any] = dict(help=help, metavar=m["metavar"], choices=m["choices"])
-        if kind == "bool":
-            kwargs["action"] = argparse.BooleanOptionalAction
-        elif kind == "list[str]":
-            kwargs["nargs"] = "+"
-        else:
-            kwargs["type"] = {"int": integer, "float": float, "str": str}[kind]
-        parser.add_argument(_flag_name(f.name), dest=f.name, **kwargs)
-    return parser
-
-
-def parse_config(cls: type[Config], argv: list[str] | None, description: str) -> tuple[Config, set[str]]:
-    """The config from the command line, every number checked against its declared range before any
-    work, and the names of the flags actually given (so --resume can tell a default from a choice)."""
-    given = vars(config_parser(cls, description).parse_args(argv))
-    config = cls(**given)
-    for f in fields(cls):
-        value, m = getattr(config, f.name), f.metadata
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            continue
-        if not math.isfinite(value):
-            raise UserError(f"{_flag_name(f.name)} {value}: must be a finite number")
-        too_low = (m["lo"] is not None and value < m["lo"]) or (m["gt"] is not None and value <= m["gt"])
-        if too_low or (m["hi"] is not None and value > m["hi"]):
-            raise UserError(f"{_flag_name(f.name)} {value}: out of range; use a value {_range_text(m)}")
-    return config, set(given)
-
-
-def os_error_text(e: OSError) -> str:
-    """'permission denied', 'no space left on device', ...: the cause of an OSError in words."""
-    reason = e.strerror or type(e).__name__
-    return reason[0].lower() + reason[1:]
-
-
-def is_rank0() -> bool:
-    """Rank 0 of a torchrun job, or a plain process; usable before any process group exists."""
-    return os.environ.get("RANK", "0") == "0"
-
-
-def cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> None:
-    """Run a script's main(argv): a UserError or a filesystem error becomes one `error:` line and
-    exit 1 (printed by rank 0 only under torchrun, though every rank exits 1); Ctrl-C exits 130."""
-    try:
-        main(argv)
-        return
-    except UserError as e:
-        message = str(e)
-    except OSError as e:  # a full disk, a read-only or missing dir: the environment's fault, not a bug
-        message = f"{e.filename}: {os_error_text(e)}" if e.filename else os_error_text(e)
-    except MemoryError:
-        message = "out of memory; lower the batch size, the model or the shard size"
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        sys.exit(130)
-    if is_rank0():
-        print(f"error: {message}", file=sys.stderr)
-    sys.exit(1)
-
-
-def _fsync_dir(path: str) -> None:
-    # the rename itself is only durable once the directory entry is on disk
-    if os.name != "posix":
-        return  # Windows cannot open a directory; NTFS journals the rename anyway
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
-    """A reader (or a resumed run) sees either the old file or the complete new one, never a torn
-    one: write a temp file beside it, sync it, then rename over. A failed write leaves no temp file
-    and raises a UserError naming the cause and the path."""
-    path = os.fspath(path)
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(os.path.dirname(os.path.abspath(path)))
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        # torch.save reports a failed write as a RuntimeError of its C++ writer; the OSError that
-        # caused it is its context
-        cause = e if isinstance(e, OSError) else e.__context__
-        if isinstance(cause, OSError):
-            raise UserError(f"{os_error_text(cause)} while writing {path}") from e
-        raise
 
 
 # -----------------------------------------------------------------------------

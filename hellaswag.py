@@ -29,17 +29,10 @@ from dataclasses import dataclass
 
 import torch
 
-from fineweb import UserError, cli, flag, get_tokenizer, parse_config
-from train_gpt import (
-    DEVICES,
-    DTYPES,
-    GPT,
-    check_model_source,
-    load_hellaswag,
-    render_hellaswag,
-    runtime,
-    score_hellaswag,
-)
+from cli import UserError, cli, flag, parse_config
+from fineweb import get_tokenizer
+from hellaswag_eval import load_hellaswag, render_hellaswag, score_hellaswag
+from train_gpt import DEVICES, DTYPES, GPT, check_model_source, runtime
 
 
 @dataclass

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fineweb import EOT, UserError, cli, flag, get_tokenizer, parse_config
+from cli import UserError, cli, flag, parse_config
+from fineweb import EOT, get_tokenizer
 from train_gpt import DEVICES, DTYPES, GPT, check_model_source, runtime
 
 

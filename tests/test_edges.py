@@ -17,6 +17,7 @@ import pytest
 import torch
 from conftest import ROOT, TINY, run_script, write_shards
 
+import checkpoint
 import fineweb
 import hellaswag
 import sample
@@ -374,7 +375,7 @@ def test_bad_hellaswag_rows_name_the_file_and_line(row, problem, tmp_path, capsy
 
 
 def test_no_space_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
-    previous = train_gpt.checkpoint_path(str(tmp_path), 2)
+    previous = checkpoint.checkpoint_path(str(tmp_path), 2)
     Path(previous).write_bytes(b"the previous checkpoint")
 
     def full_disk(fd):
@@ -382,9 +383,9 @@ def test_no_space_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, mo
 
     monkeypatch.setattr(os, "fsync", full_disk)
     state = {"model": {"w": torch.zeros(1000)}}
-    path = train_gpt.checkpoint_path(str(tmp_path), 4)
+    path = checkpoint.checkpoint_path(str(tmp_path), 4)
     with pytest.raises(fineweb.UserError) as e:
-        train_gpt.save_checkpoint(str(tmp_path), 4, state, keep_last=1)
+        checkpoint.save_checkpoint(str(tmp_path), 4, state, keep_last=1)
     assert str(e.value) == f"no space left on device while writing {path}"
     assert sorted(os.listdir(tmp_path)) == ["model_00002.pt"]  # no temp file, no half checkpoint
     assert Path(previous).read_bytes() == b"the previous checkpoint"
@@ -414,9 +415,9 @@ def test_torch_save_failing_mid_write_is_reported_as_its_os_error(tmp_path, monk
             self.f.close()
 
     monkeypatch.setattr("builtins.open", lambda *a, **k: FullFile(real_open(*a, **k)))
-    path = train_gpt.checkpoint_path(str(tmp_path), 4)
+    path = checkpoint.checkpoint_path(str(tmp_path), 4)
     with pytest.raises(fineweb.UserError) as e:
-        train_gpt.save_checkpoint(str(tmp_path), 4, {"w": torch.zeros(10000)}, keep_last=0)
+        checkpoint.save_checkpoint(str(tmp_path), 4, {"w": torch.zeros(10000)}, keep_last=0)
     monkeypatch.undo()
     assert str(e.value) == f"no space left on device while writing {path}"
     assert os.listdir(tmp_path) == []

@@ -42,7 +42,7 @@ def reference_run(data_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, to
     model = train_gpt.GPT(
         train_gpt.GPTConfig(block_size=1024, vocab_size=50304, n_layer=N_LAYER, n_head=N_HEAD, n_embd=N_EMBD)
     )
-    model.loss_chunk_size = 0  # the plain full-logits cross-entropy, as build-nanogpt's forward
+    model.loss_chunk_rows = 0  # the plain full-logits cross-entropy, as build-nanogpt's forward
     init = {k: v.clone() for k, v in model.state_dict().items()}
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [

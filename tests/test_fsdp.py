@@ -44,6 +44,7 @@ from conftest import ROOT, TINY, Launch, descendants, run_script, write_shards
 from test_data import too_large_message
 from test_resume import STOPPED_RE, loss_strings, read_log, resumed_from
 
+import checkpoint
 import train_gpt
 from fineweb import write_shard
 
@@ -91,8 +92,8 @@ def say(text):
 shard_model = train_gpt.shard_model
 
 
-def probed_shard_model(model, rt):
-    shard_model(model, rt)
+def probed_shard_model(model, *args):
+    shard_model(model, *args)
     params = list(model.parameters())
     sharded = [p for p in params if isinstance(p, DTensor)]
     held = sum(p.to_local().numel() for p in sharded)
@@ -460,9 +461,16 @@ def fake_fsdp_run(data: Path, log: Path, step: int = 12) -> Path:
     optimizers = model.configure_optimizers(cfg.weight_decay, cfg.max_lr, "cpu")
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     loader = train_gpt.DataLoaderLite(cfg.batch_size, cfg.seq_len, 0, 2, "train", cfg.data_dir)
-    state = train_gpt.checkpoint_state(step, True, None, cfg, model, optimizers, scaler, loader)
+    state = checkpoint.checkpoint_state(
+        position=checkpoint.RunPosition(step, True),
+        cfg=cfg,
+        model=model,
+        optimizers=optimizers,
+        scaler=scaler,
+        train_loader=loader,
+    )
     log.mkdir()
-    return Path(train_gpt.save_checkpoint(str(log), step, state, cfg.keep_last))
+    return Path(checkpoint.save_checkpoint(str(log), step, state, cfg.keep_last))
 
 
 def test_fsdp_run_resumes_in_one_process_with_resume_alone(shards, tmp_path, monkeypatch, capsys):

@@ -15,7 +15,9 @@ import torch
 import torch.nn.functional as F
 from conftest import ROOT, SHARED_DATA, TINY, run_script
 
+import checkpoint
 import hellaswag
+import hellaswag_eval
 import train_gpt
 from train_gpt import GPT, GPTConfig, Runtime
 
@@ -30,7 +32,7 @@ NO_NETWORK = {"HTTPS_PROXY": "http://127.0.0.1:9", "https_proxy": "http://127.0.
 def one_at_a_time(model: GPT, rendered: list, rt: Runtime = CPU) -> list[tuple[int, int]]:
     """(pred, pred_norm) per example, build-nanogpt's way: one example (4 rows) per forward pass, full
     logits, F.cross_entropy on the shifted tokens, masked to the ending. Slow but obviously right: the
-    reference that the batched train_gpt.score_hellaswag must agree with."""
+    reference that the batched hellaswag_eval.score_hellaswag must agree with."""
     was_training = model.training
     model.eval()
     preds = []
@@ -68,7 +70,9 @@ def real_examples() -> list:
     if not (HELLASWAG_DIR / "hellaswag_val.jsonl").exists():
         pytest.skip("../shared HellaSwag data is absent")
     enc = train_gpt.get_tokenizer()
-    return [train_gpt.render_hellaswag(ex, enc) for ex in train_gpt.load_hellaswag("val", str(HELLASWAG_DIR), 40)]
+    return [
+        hellaswag_eval.render_hellaswag(ex, enc) for ex in hellaswag_eval.load_hellaswag("val", str(HELLASWAG_DIR), 40)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -162,8 +166,8 @@ def keep_matmul_precision():
 
 def test_batched_equals_one_at_a_time_on_real_examples(model, real_examples, real_reference):
     assert len(set(real_reference)) > 4  # the model has opinions: the predictions are not all alike
-    assert train_gpt.score_hellaswag(model, real_examples, CPU) == real_reference
-    assert train_gpt.score_hellaswag(model, real_examples, CPU, batch_size=7) == real_reference
+    assert hellaswag_eval.score_hellaswag(model, real_examples, CPU) == real_reference
+    assert hellaswag_eval.score_hellaswag(model, real_examples, CPU, batch_size=7) == real_reference
 
 
 CRAFTED = crafted(13)
@@ -178,17 +182,17 @@ def crafted_reference(model) -> list[tuple[int, int]]:
 
 @pytest.mark.parametrize("batch_size", [1, 3, 4, 16])  # 3 leaves a short last batch; 16 is one batch of all
 def test_batched_equals_one_at_a_time_on_crafted_examples(model, crafted_reference, batch_size):
-    assert train_gpt.score_hellaswag(model, CRAFTED, CPU, batch_size=batch_size) == crafted_reference
+    assert hellaswag_eval.score_hellaswag(model, CRAFTED, CPU, batch_size=batch_size) == crafted_reference
 
 
 def test_scoring_restores_the_models_mode(model, crafted_reference):
     model.train()
     try:  # dropout is 0, but a caller's train mode must survive an eval in the middle of training
-        assert train_gpt.score_hellaswag(model, CRAFTED, CPU, batch_size=5) == crafted_reference
+        assert hellaswag_eval.score_hellaswag(model, CRAFTED, CPU, batch_size=5) == crafted_reference
         assert model.training
     finally:
         model.eval()
-    assert train_gpt.score_hellaswag(model, CRAFTED[:3], CPU) == crafted_reference[:3] and not model.training
+    assert hellaswag_eval.score_hellaswag(model, CRAFTED[:3], CPU) == crafted_reference[:3] and not model.training
 
 
 def test_acc_and_acc_norm_by_hand_with_endings_of_different_lengths(model):
@@ -208,8 +212,8 @@ def test_acc_and_acc_norm_by_hand_with_endings_of_different_lengths(model):
     expected = [(0, 1)] * 4
     assert hand_preds(model, rendered) == expected
     assert one_at_a_time(model, rendered) == expected
-    assert train_gpt.score_hellaswag(model, rendered, CPU, batch_size=3) == expected
-    assert train_gpt.evaluate_hellaswag(model, rendered, CPU) == (0.5, 0.25, 4)
+    assert hellaswag_eval.score_hellaswag(model, rendered, CPU, batch_size=3) == expected
+    assert hellaswag_eval.evaluate_hellaswag(model, rendered, CPU) == (0.5, 0.25, 4)
 
 
 # --- the in-training eval: 2 ranks == 1 rank --------------------------------------------------------
@@ -219,14 +223,16 @@ import json, sys
 sys.path.insert(0, {root!r})
 import torch
 import torch.distributed as dist
+import checkpoint
+import hellaswag_eval
 import train_gpt
 
 dist.init_process_group("gloo")
-model = train_gpt.model_from_checkpoint(train_gpt.load_checkpoint(sys.argv[1]), sys.argv[1])
+model = train_gpt.model_from_checkpoint(checkpoint.load_checkpoint(sys.argv[1]), sys.argv[1])
 with open(sys.argv[2]) as f:
     rendered = json.load(f)
 rt = train_gpt.Runtime("cpu", torch.float32)
-result = train_gpt.evaluate_hellaswag(model, rendered, rt, dist.get_rank(), dist.get_world_size())
+result = hellaswag_eval.evaluate_hellaswag(model, rendered, rt, dist.get_rank(), dist.get_world_size())
 if dist.get_rank() == 0:
     with open(sys.argv[3], "w") as f:
         json.dump(result, f)
@@ -242,7 +248,7 @@ def test_evaluate_hellaswag_two_ranks_equals_one(model, tmp_path):
     rendered = [(c, e, [p[1], p[0], (p[1] + 1) % 4][i % 3]) for i, ((c, e, _), p) in enumerate(zip(rendered, preds))]
     expected = (*accuracies(preds, rendered), 11)
     assert 0 < expected[0] < 1 and 0 < expected[1] < 1 and expected[0] != expected[1]
-    assert train_gpt.evaluate_hellaswag(model, rendered, CPU) == expected
+    assert hellaswag_eval.evaluate_hellaswag(model, rendered, CPU) == expected
 
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT.format(root=str(ROOT)))
@@ -306,7 +312,7 @@ def test_model_flag_takes_an_hf_folder(model, tmp_path, capsys):
     exported = GPT.from_pretrained(str(folder)).eval()
     assert exported.config.vocab_size == train_gpt.GPT2_VOCAB
     enc = train_gpt.get_tokenizer()
-    rendered = [train_gpt.render_hellaswag(ex, enc) for ex in TEXT_EXAMPLES]
+    rendered = [hellaswag_eval.render_hellaswag(ex, enc) for ex in TEXT_EXAMPLES]
     acc_norm, acc = accuracies(hand_preds(exported, rendered), rendered)
     assert capsys.readouterr() == (f"hellaswag: acc_norm={acc_norm:.4f} acc={acc:.4f} n=3\n", "")
 
@@ -328,7 +334,7 @@ def test_examples_longer_than_the_model_are_one_error_line(tmp_path, capsys):
     hella = write_examples(tmp_path / "hella", TEXT_EXAMPLES)
     longest = max(
         len(ctx) + len(end)
-        for ctx, endings, _ in (train_gpt.render_hellaswag(ex, train_gpt.get_tokenizer()) for ex in TEXT_EXAMPLES)
+        for ctx, endings, _ in (hellaswag_eval.render_hellaswag(ex, train_gpt.get_tokenizer()) for ex in TEXT_EXAMPLES)
         for end in endings
     )
     with pytest.raises(SystemExit) as e:
@@ -387,9 +393,9 @@ def test_train_gpt_hellaswag_every_logs_the_scores_of_its_model(shards, tmp_path
 
     # the last score is that of the final checkpoint, recomputed by hand
     path = str(log / "model_00003.pt")
-    final = train_gpt.model_from_checkpoint(train_gpt.load_checkpoint(path), path).eval()
+    final = train_gpt.model_from_checkpoint(checkpoint.load_checkpoint(path), path).eval()
     enc = train_gpt.get_tokenizer()
-    rendered = [train_gpt.render_hellaswag(ex, enc) for ex in TEXT_EXAMPLES]
+    rendered = [hellaswag_eval.render_hellaswag(ex, enc) for ex in TEXT_EXAMPLES]
     acc_norm, acc = accuracies(hand_preds(final, rendered), rendered)
     assert lines[-1] == f"hellaswag: acc_norm={acc_norm:.4f} acc={acc:.4f} n=3"
 

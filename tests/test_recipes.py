@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from conftest import TINY, Launch, write_shards
 from test_resume import restored_flags, resumed_from
 
+import checkpoint
+import plots
 import train_gpt
 
 TIMEOUT = 180  # per process; generous because the machine is shared, a hang still fails instead of blocking
@@ -73,7 +75,7 @@ def log_lines(log: Path, timing: bool = False) -> list[str]:
 
 
 def ckpt(log: Path, step: int) -> dict:
-    return train_gpt.load_checkpoint(str(log / f"model_{step:05d}.pt"), train_gpt.RESUME_KEYS)
+    return checkpoint.load_checkpoint(str(log / f"model_{step:05d}.pt"), checkpoint.RESUME_KEYS)
 
 
 def same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
@@ -288,7 +290,7 @@ def test_log_has_lr_norm_toks_for_every_step_and_curves_png(wsd16):
     assert sorted(stream for s, stream in by if s == 0) == ["lr", "norm", "toks", "train", "val"]
     assert sorted(stream for s, stream in by if s == 5) == ["lr", "norm", "toks", "train"]
 
-    streams = train_gpt.read_log(str(wsd16.log / "log.txt"))
+    streams = plots.read_log(str(wsd16.log / "log.txt"))
     assert set(streams) == {"train", "val", "lr", "norm", "toks"}
     for name in ("train", "lr", "norm", "toks"):
         assert streams[name] == (list(range(16)), [float(by[s, name]) for s in range(16)])

@@ -25,6 +25,7 @@ import pytest
 import torch
 from conftest import TINY, Launch, run_script, train_losses, write_shards
 
+import checkpoint
 import train_gpt
 
 TIMEOUT = 180  # per process; generous because the machine is shared, a hang still fails instead of blocking
@@ -176,7 +177,7 @@ def test_checkpoint_holds_everything_to_resume(ref):
     # and what --resume checks to be sure it continues on the same data: each train shard's name, size, content
     listed = ckpt["train_loader"]["shards"]
     assert [(name, n) for name, n, _ in listed] == [("test_train_000001.npy", 5000), ("test_train_000002.npy", 5000)]
-    assert [fp for _, _, fp in listed] == [train_gpt.shard_fingerprint(str(ref.data / name)) for name, _, _ in listed]
+    assert [fp for _, _, fp in listed] == [checkpoint.shard_fingerprint(str(ref.data / name)) for name, _, _ in listed]
     assert listed[0][2] != listed[1][2]
     assert f"4 val {ckpt['val_loss']:.4f}" in ref.log_lines
     assert isinstance(ckpt["rng"]["torch"], torch.Tensor) and ckpt["rng"]["cuda"] == []
@@ -210,8 +211,8 @@ def check_two_ranks(stdout: str, log: Path, ref: Reference, steps: range) -> Non
     tolerance = {"val": 1.01e-4, "norm": 1.01e-4, "train": 1e-5, "lr": 0.0}
     assert all(abs(x[2] - y[2]) <= tolerance[x[1]] for x, y in zip(lines, ref_lines)), (lines, ref_lines)
     # rank 0 alone wrote the checkpoint; its data position counts global windows, as one process's does
-    ckpt = train_gpt.load_checkpoint(str(log / f"model_{steps.stop:05d}.pt"))
-    ref_ckpt = train_gpt.load_checkpoint(str(ref.log / f"model_{steps.stop:05d}.pt"))
+    ckpt = checkpoint.load_checkpoint(str(log / f"model_{steps.stop:05d}.pt"))
+    ref_ckpt = checkpoint.load_checkpoint(str(ref.log / f"model_{steps.stop:05d}.pt"))
     assert ckpt["train_loader"]["position"] == ref_ckpt["train_loader"]["position"] == 2 * steps.stop
     weight_diff = max((ckpt["model"][k] - ref_ckpt["model"][k]).abs().max().item() for k in ckpt["model"])
     assert weight_diff < 1e-5
@@ -315,7 +316,7 @@ def test_sigterm_and_sigint_checkpoint_exit_0_and_resume_exactly(ref, tmp_path):
         assert start < stop < 12, "the run ended before the signal arrived"
         got = loss_strings(out)
         assert sorted(got) == list(range(start, stop)), "stops after finishing the step it was in"
-        ckpt = train_gpt.load_checkpoint(path)
+        ckpt = checkpoint.load_checkpoint(path)
         assert ckpt["step"] == stop and ckpt["periodic_done"] is False
         assert ckpt["train_loader"]["position"] == 2 * stop
         losses.update(got)
@@ -361,7 +362,7 @@ def test_resume_with_only_the_log_dir_continues_a_run_of_non_default_flags_exact
     assert loss_strings(r.stdout) == {s: expected[s] for s in range(4, 12)}
     assert read_log(log) == read_log(whole)
     resumed, original = (
-        train_gpt.load_checkpoint(str(d / "model_00012.pt"), train_gpt.RESUME_KEYS) for d in (log, whole)
+        checkpoint.load_checkpoint(str(d / "model_00012.pt"), checkpoint.RESUME_KEYS) for d in (log, whole)
     )
     assert same_tensors(resumed["model"], original["model"])
     assert resumed["train_loader"] == original["train_loader"]
@@ -384,7 +385,8 @@ def test_partial_tmp_and_corrupt_checkpoints_are_skipped(ref, tmp_path, capsys):
     with open(log / "model_00008.pt", "r+b") as f:
         f.truncate(len(whole) // 3)
 
-    path, ckpt = train_gpt.latest_checkpoint(str(log))
+    latest = checkpoint.latest_checkpoint(str(log))
+    path, ckpt = latest.path, latest.state
     assert path == str(log / "model_00004.pt") and ckpt["step"] == 4
     warning = capsys.readouterr().err
     assert warning.startswith(f"skipping {log / 'model_00008.pt'}: not a readable checkpoint (")
@@ -399,8 +401,8 @@ def test_partial_tmp_and_corrupt_checkpoints_are_skipped(ref, tmp_path, capsys):
     # the run rewrote both damaged checkpoints, identical to the reference's, and left no temp file
     assert listing(log) == {"log.txt", "model_00004.pt", "model_00008.pt", "model_00012.pt"}
     for step in (8, 12):
-        new = train_gpt.load_checkpoint(str(log / f"model_{step:05d}.pt"))
-        old = train_gpt.load_checkpoint(str(ref.log / f"model_{step:05d}.pt"))
+        new = checkpoint.load_checkpoint(str(log / f"model_{step:05d}.pt"))
+        old = checkpoint.load_checkpoint(str(ref.log / f"model_{step:05d}.pt"))
         assert same_tensors(new["model"], old["model"])
         assert new["train_loader"] == old["train_loader"] and new["step"] == step
 
@@ -415,7 +417,8 @@ def test_keep_last_never_deletes_the_checkpoint_just_written(ref, tmp_path):
     assert resumed_from(r.stdout) == (str(log / "model_00008.pt"), 8)
     assert r.stderr.startswith(f"skipping {log / 'model_00012.pt'}: not a readable checkpoint (")
     # a crash now must be able to continue from step 10, not find nothing but the damaged file
-    path, ckpt = train_gpt.latest_checkpoint(str(log))
+    latest = checkpoint.latest_checkpoint(str(log))
+    path, ckpt = latest.path, latest.state
     assert path == str(log / "model_00010.pt") and ckpt["step"] == 10
 
 
@@ -449,8 +452,8 @@ def test_kill9_during_checkpoint_writes_always_leaves_a_resumable_run(ref, tmp_p
         # every finished-named file is whole: the rename is the commit point
         for n in sorted(os.listdir(log)):
             if n.endswith(".pt"):
-                train_gpt.load_checkpoint(str(log / n))
-        path, ckpt = train_gpt.latest_checkpoint(str(log))
+                checkpoint.load_checkpoint(str(log / n))
+        ckpt = checkpoint.latest_checkpoint(str(log)).state
         assert capsys.readouterr().err == ""
         assert ckpt["step"] >= target - 1
         start = ckpt["step"]
@@ -480,9 +483,16 @@ def fake_run(data: Path, log: Path, *extra: str, step: int = 12) -> Path:
     optimizers = model.configure_optimizers(cfg.weight_decay, cfg.max_lr, "cpu")
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     loader = train_gpt.DataLoaderLite(cfg.batch_size, cfg.seq_len, 0, 1, "train", cfg.data_dir)
-    state = train_gpt.checkpoint_state(step, True, None, cfg, model, optimizers, scaler, loader)
+    state = checkpoint.checkpoint_state(
+        position=checkpoint.RunPosition(step, True),
+        cfg=cfg,
+        model=model,
+        optimizers=optimizers,
+        scaler=scaler,
+        train_loader=loader,
+    )
     log.mkdir(exist_ok=True)
-    return Path(train_gpt.save_checkpoint(str(log), step, state, cfg.keep_last))
+    return Path(checkpoint.save_checkpoint(str(log), step, state, cfg.keep_last))
 
 
 def run_in_process(argv: list[str], capsys) -> str:
@@ -556,7 +566,7 @@ def test_resume_with_more_steps_trains_further_and_keeps_last_2(ref, tmp_path):
     steps = {int(m.group(1)): (m.group(2), m.group(3)) for m in STEP_RE.finditer(r.stdout)}
     assert sorted(steps) == [12, 13]
     # step 12 starts from the reference's final weights, on the next data, with the lr of the longer schedule
-    ckpt12 = train_gpt.load_checkpoint(str(ref.log / "model_00012.pt"))
+    ckpt12 = checkpoint.load_checkpoint(str(ref.log / "model_00012.pt"))
     assert float(steps[12][0]) == pytest.approx(step_loss(ckpt12, ref.data), abs=2e-6)
     longer = replace(train_gpt.TrainConfig(), max_lr=6e-3, min_lr=6e-4, warmup_steps=4, max_steps=14)
     for s in (12, 13):
@@ -572,7 +582,7 @@ def test_resume_with_more_steps_trains_further_and_keeps_last_2(ref, tmp_path):
     ]  # fmt: skip
     assert streams(new_lines, "lr") == [f"{s} lr {train_gpt.get_lr(s, longer):.6e}" for s in (12, 13)]
     assert listing(log) == {"log.txt", "model_00012.pt", "model_00014.pt"}
-    ckpt14 = train_gpt.load_checkpoint(str(log / "model_00014.pt"))
+    ckpt14 = checkpoint.load_checkpoint(str(log / "model_00014.pt"))
     assert ckpt14["step"] == 14 and ckpt14["args"]["max_steps"] == 14 and ckpt14["train_loader"]["position"] == 28
 
 
@@ -597,7 +607,7 @@ def test_a_nan_step_is_skipped_and_training_goes_on(ref, tmp_path):
         "3 train nan", "3 skip 1", f"4 train {losses[4]}",
     ]  # fmt: skip
     # the skipped step changed neither the weights nor the optimizer; the next one did
-    c3, c4, c5 = (train_gpt.load_checkpoint(str(log / f"model_{s:05d}.pt")) for s in (3, 4, 5))
+    c3, c4, c5 = (checkpoint.load_checkpoint(str(log / f"model_{s:05d}.pt")) for s in (3, 4, 5))
     assert same_tensors(c3["model"], c4["model"])
     assert all(s["step"] == 3 for s in c4["optimizer"]["state"].values())
     assert not same_tensors(c4["model"], c5["model"])
@@ -633,7 +643,7 @@ def test_five_nan_steps_in_a_row_stop_the_run_with_the_last_good_checkpoint(ref,
     assert [line for line in read_log(log) if " skip " in line] == [f"{s} skip {s - 2}" for s in range(3, 8)]
     assert sorted(n for n in listing(log) if n.startswith("model_")) == [f"model_{s:05d}.pt" for s in (2, 4, 6)]
     # 2 is from before the streak; 4 and 6 hold the weights after step 2's update, untouched by the skipped steps
-    c2, c4, c6 = (train_gpt.load_checkpoint(str(log / f"model_{s:05d}.pt")) for s in (2, 4, 6))
+    c2, c4, c6 = (checkpoint.load_checkpoint(str(log / f"model_{s:05d}.pt")) for s in (2, 4, 6))
     assert same_tensors(c4["model"], c6["model"]) and not same_tensors(c2["model"], c4["model"])
     assert all(torch.isfinite(t).all() for t in c6["model"].values())
     assert all(s["step"] == 3 for s in c6["optimizer"]["state"].values())

@@ -5,6 +5,7 @@ matmul probe that benchmark mode measures a CPU's peak with."""
 import pytest
 import torch
 
+import benchmark
 import train_gpt
 from train_gpt import runtime
 
@@ -79,5 +80,5 @@ def test_runtime_autocast_is_off_in_float32_and_on_otherwise():
 
 
 def test_matmul_probe_measures_a_plausible_rate():
-    gflops = train_gpt.measured_matmul_gflops(torch.float32, seconds=0.05)
+    gflops = benchmark.measured_matmul_gflops(torch.float32, seconds=0.05)
     assert 0.1 < gflops < 1e5  # GFLOP/s of a real CPU, neither zero nor a unit mistake

@@ -146,10 +146,10 @@ def reference_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def test_model_loss_matches_log_softmax(chunk):
     model = tiny_gpt()
     if chunk is not None:
-        model.loss_chunk_size = chunk
+        model.loss_chunk_rows = chunk
     else:  # the default: chunks of the device's size, 512 rows on the CPU (one chunk for these 48 rows)
-        assert model.loss_chunk_size is None
-        assert train_gpt.loss_chunk_rows("cpu") == 512 and train_gpt.loss_chunk_rows("cuda") == 8192
+        assert model.loss_chunk_rows is None
+        assert train_gpt.default_loss_chunk_rows("cpu") == 512 and train_gpt.default_loss_chunk_rows("cuda") == 8192
     g = torch.Generator().manual_seed(0)
     idx = torch.randint(0, 64, (3, 16), generator=g)
     targets = torch.randint(0, 64, (3, 16), generator=g)
@@ -169,7 +169,7 @@ def test_model_loss_matches_log_softmax(chunk):
 )
 def test_all_ignored_loss_is_zero_not_nan(chunk):
     model = tiny_gpt()
-    model.loss_chunk_size = chunk
+    model.loss_chunk_rows = chunk
     idx = torch.randint(0, 64, (2, 8))
     _, loss = model(idx, torch.full((2, 8), IGNORE_INDEX))
     loss.backward()
@@ -274,7 +274,7 @@ def test_lr_schedule():
 def test_accumulated_micro_batches_equal_one_big_batch(chunk):
     k, B, T = 4, 2, 16
     model = tiny_gpt()
-    model.loss_chunk_size = chunk
+    model.loss_chunk_rows = chunk
     g = torch.Generator().manual_seed(1)
     x = torch.randint(0, 64, (k * B, T), generator=g)
     y = torch.randint(0, 64, (k * B, T), generator=g)

@@ -52,6 +52,13 @@ def peak_flops(device: str, dtype: torch.dtype, override_tflops: float | None) -
     return None
 
 
+def mfu_rate(model: Any, seq_len: int, rt: Any, peak_tflops: float | None, n_devices: int = 1) -> float | None:
+    """Model FLOPs per token / the peak of the job's devices, so that MFU = this * the job's tokens/s; None
+    where the peak is unknown (the training loop's mfu stream)."""
+    peak = peak_flops(rt.device, rt.dtype, peak_tflops)
+    return None if peak is None else model_flops_per_token(model, seq_len) / (peak[0] * n_devices)
+
+
 def measured_matmul_gflops(dtype: torch.dtype, device: str = "cpu", seconds: float = 0.3) -> float:
     """This device's dense matmul throughput in dtype, measured: square n x n matmuls, n doubling from
     256 until one takes 15 ms (or n = 2048 on CPU, 8192 on GPU), then timed for about `seconds`."""
@@ -77,14 +84,15 @@ def measured_matmul_gflops(dtype: torch.dtype, device: str = "cpu", seconds: flo
     return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
 
 
-def report_benchmark(model: Any, cfg: Any, rt: Any, times: list[float]) -> None:
-    """tokens/s, ms/step, peak memory and MFU of the timed steps (those after the warmup)."""
+def report_benchmark(model: Any, cfg: Any, rt: Any, times: list[float], start_up_s: float, n_devices: int = 1) -> None:
+    """tokens/s, ms/step, peak memory and MFU of the timed steps (those after the warmup), and the start-up:
+    the seconds before the first timed step (model, torch.compile, the warmup steps)."""
     if not times:
         print("benchmark: no timed steps")
         return
     step_s = sum(times) / len(times)
     tok_s = cfg.total_batch_size / step_s
-    achieved = model_flops_per_token(model, cfg.seq_len) * tok_s
+    achieved = model_flops_per_token(model, cfg.seq_len) * tok_s / n_devices  # per device, as the peak
     if rt.device_type == "cuda":
         memory = f"{torch.cuda.max_memory_allocated(rt.device) / 2**30:.2f} GiB allocated"
     else:
@@ -100,7 +108,7 @@ def report_benchmark(model: Any, cfg: Any, rt: Any, times: list[float]) -> None:
     )
     print(
         f"benchmark: {len(times)} steps after {cfg.benchmark_warmup} warmup | dtype {rt.dtype_name} | "
-        f"{tok_s:,.0f} tok/s | {1000 * step_s:.1f} ms/step | peak memory {memory} | {mfu}"
+        f"{tok_s:,.0f} tok/s | {1000 * step_s:.1f} ms/step | peak memory {memory} | {mfu} | start-up {start_up_s:.1f} s"
     )
 
 

@@ -13,7 +13,9 @@ import os
 import pickle
 import re
 import sys
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -136,7 +138,8 @@ def load_checkpoint(path: str, keys: tuple[str, ...] = MODEL_KEYS) -> dict:
     """A checkpoint of train_gpt.py, or a one-line UserError saying why not. Loaded with
     weights_only=True: a file holding anything but tensors and plain data is refused, never run."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        with quiet_unpickling():
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise UserError(f"{path}: no such checkpoint") from None
     except OSError as e:
@@ -151,6 +154,16 @@ def load_checkpoint(path: str, keys: tuple[str, ...] = MODEL_KEYS) -> dict:
     if missing:
         raise UserError(f"{path}: not a train_gpt.py checkpoint (no {', '.join(missing)}; a bare state dict?)")
     return checkpoint
+
+
+@contextmanager
+def quiet_unpickling() -> Iterator[None]:
+    """Around torch.load(weights_only=True): silences its warning about the pickle protocol of a file
+    that is no torch checkpoint (a hostile or foreign pickle, refused anyway), so the user sees only
+    our one line; every other warning still shows."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+        yield
 
 
 def check_tensors(src: str, found: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
@@ -174,9 +187,12 @@ def latest_checkpoint(log_dir: str) -> Checkpoint:
     """The newest checkpoint in log_dir that can continue a run, naming each one skipped and why."""
     found = list_checkpoints(log_dir)
     if not found:
+        log_txt = os.path.join(log_dir, "log.txt")
         there = (
-            "it holds a log.txt but no checkpoint (was --save-every 0?)"
-            if os.path.isfile(os.path.join(log_dir, "log.txt"))
+            "it holds a log.txt but no checkpoint (was --save-every 0, or was the run stopped before its "
+            f"first one?), so there is nothing to resume; to start afresh, drop --resume and move {log_txt} "
+            "aside, or choose another --log-dir"
+            if os.path.isfile(log_txt) and os.path.getsize(log_txt) > 0
             else "nothing to resume"
         )
         raise UserError(f"--resume: no checkpoint (model_*.pt) in --log-dir {log_dir}: {there}")
@@ -251,6 +267,18 @@ def shard_fingerprint(path: str, blocks: int = 16, block_bytes: int = 4096) -> s
 def data_identity(paths: list[str], lengths: list[int]) -> list[list]:
     """[name, tokens, fingerprint] of each shard: what --resume compares to be sure the data is the same."""
     return [[os.path.basename(p), n, shard_fingerprint(p)] for p, n in zip(paths, lengths)]
+
+
+def check_same_data(saved: dict, identity: list[list], n_tokens: int, shuffle: bool, seed: int) -> None:
+    """Refuse to resume on other training data (or another shuffle seed) than the loader state was saved with."""
+    diffs = data_differences(saved, identity, n_tokens)
+    if shuffle and saved.get("seed") != seed:
+        diffs.append(f"shuffle seed {saved.get('seed')}, now {seed}")
+    if diffs:
+        raise UserError(
+            f"the training data differs from the checkpoint's ({'; '.join(diffs[:3])}); "
+            "resume with the --data-dir it was trained on"
+        )
 
 
 def data_differences(saved: dict, identity: list[list], n_tokens: int) -> list[str]:

@@ -8,12 +8,18 @@ atomic writes. It imports no torch, so fineweb.py's tokenizer workers stay light
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
 import os
 import sys
 from collections.abc import Callable
 from dataclasses import Field, field, fields
 from typing import Any, BinaryIO, NoReturn, TypeVar
+
+try:
+    import resource  # the file-size limit, to explain a short write; POSIX only
+except ImportError:
+    resource = None
 
 Config = TypeVar("Config")
 
@@ -125,9 +131,36 @@ def parse_config(cls: type[Config], argv: list[str] | None, description: str) ->
 
 
 def os_error_text(e: OSError) -> str:
-    """'permission denied', 'no space left on device', ...: the cause of an OSError in words."""
-    reason = e.strerror or type(e).__name__
-    return reason[0].lower() + reason[1:]
+    """'permission denied', 'no space left on device', 'file too large', ...: the cause of an OSError in
+    words: its strerror (the OS's message, first letter lowered), else the message of its errno, else
+    its own text, else its class name as it is spelled."""
+    if e.strerror:
+        return e.strerror[0].lower() + e.strerror[1:]
+    if isinstance(e.errno, int) and e.errno > 0:
+        reason = os.strerror(e.errno)
+        return reason[0].lower() + reason[1:]
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def import_optional(module: str, missing: str, context: str, way_out: str = "") -> Any:
+    """`import module` for a feature that needs an optional package: a UserError with `missing` if the
+    package is not installed, and one saying that it is installed but cannot be imported (with the
+    cause, then `way_out`) if importing it fails otherwise (a broken install, a missing dependency)."""
+    package = module.partition(".")[0]
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name == package:
+            raise UserError(missing) from None
+        error: Exception = e
+    except Exception as e:  # a broken package raises anything at import
+        error = e
+    cause = " ".join(f"{type(error).__name__}: {error}".split())
+    cause = cause if len(cause) <= 200 else cause[:197] + "..."
+    raise UserError(
+        f"{context}: {package} is installed but cannot be imported ({cause}); repair it: "
+        f"pip install --force-reinstall {package}{way_out}"
+    ) from None
 
 
 def is_rank0() -> bool:
@@ -144,7 +177,8 @@ def cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) 
     except UserError as e:
         message = str(e)
     except OSError as e:  # a full disk, a read-only or missing dir: the environment's fault, not a bug
-        message = f"{e.filename}: {os_error_text(e)}" if e.filename else os_error_text(e)
+        paths = " -> ".join(str(p) for p in (e.filename, e.filename2) if p)
+        message = f"{paths}: {os_error_text(e)}" if paths else os_error_text(e)
     except MemoryError:
         message = "out of memory; lower the batch size, the model or the shard size"
     except KeyboardInterrupt:
@@ -180,11 +214,31 @@ def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
         os.replace(tmp, path)
         _fsync_dir(os.path.dirname(os.path.abspath(path)))
     except BaseException as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
         # torch.save reports a failed write as a RuntimeError of its C++ writer; the OSError that
         # caused it is its context
-        cause = e if isinstance(e, OSError) else e.__context__
-        if isinstance(cause, OSError):
-            raise UserError(f"{os_error_text(cause)} while writing {path}") from e
+        cause = e if isinstance(e, OSError) else e.__cause__ or e.__context__
+        reason = _write_error_text(cause, tmp) if isinstance(cause, OSError) else None
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if reason is not None:
+            raise UserError(f"{reason} while writing {path}") from e
         raise
+
+
+def _write_error_text(e: OSError, tmp: str) -> str:
+    """os_error_text of a failed write; for one without an errno (numpy reports a short write only as
+    "N requested and M written"), the full disk or the file-size limit that explains it, if one does."""
+    text = os_error_text(e)
+    if e.errno is not None:
+        return text
+    try:
+        size = os.path.getsize(tmp)
+        free = os.statvfs(os.path.dirname(os.path.abspath(tmp))).f_bavail
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0] if resource else -1
+    except (OSError, AttributeError):
+        return text
+    if free == 0:
+        return f"no space left on device ({text})"
+    if resource and limit != resource.RLIM_INFINITY and size >= limit:
+        return f"file too large for the file-size limit of {limit} bytes (ulimit -f; {text})"
+    return text

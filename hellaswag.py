@@ -12,11 +12,16 @@ padding ids take part in it, as they do in build-nanogpt; a trained model gives 
 no probability. Many examples are scored per forward pass, with the same predictions as
 build-nanogpt's one example at a time (the tests hold that reference scorer).
 
-The EleutherAI lm-evaluation-harness scores the same log-likelihoods but differs in ways
-that move the numbers a little: its acc_norm divides by the ending's length in characters
-(= bytes for this ASCII text), not tokens; Hugging Face GPT-2 has a softmax over the 50257
-real tokens only; and its prompt is preprocessed ("activity label: ctx", [title]-style tags
-removed).
+The EleutherAI lm-evaluation-harness (its hellaswag task) scores log-likelihoods the same way,
+but on its own prompt, and its acc_norm is another metric. The prompt is preprocessed
+("activity_label: ctx_a Ctx_b", with WikiHow's [title]/[header]/[step] tags removed from
+contexts and endings). acc_norm divides the log-likelihood by the ending's length in
+characters (len() of the preprocessed ending, without its leading space), not by its tokens.
+Characters are not bytes here either: 199 of the 40168 val endings are not ASCII (lm-eval's
+separate acc_bytes divides by UTF-8 bytes). An HF GPT-2 folder also has its softmax over the
+50257 real tokens only, where our checkpoints' covers 50304. Given lm-eval's own prompts,
+this scorer picks the same endings as lm-eval does (README: Sampling, Hugging Face and
+lm-evaluation-harness).
 
 Shows a progress bar on a terminal, then prints one line:
     hellaswag: acc_norm=0.2955 acc=0.2859 n=10042
@@ -29,10 +34,11 @@ from dataclasses import dataclass
 
 import torch
 
+from checkpoint import quiet_unpickling
 from cli import UserError, cli, flag, parse_config
-from fineweb import get_tokenizer
 from hellaswag_eval import load_hellaswag, render_hellaswag, score_hellaswag
-from train_gpt import DEVICES, DTYPES, GPT, check_model_source, runtime
+from tokenizer import get_tokenizer
+from train_gpt import DEVICES, DTYPES, GPT, GPT2_VOCAB, check_model_source, runtime
 
 
 @dataclass
@@ -40,7 +46,10 @@ class HellaswagConfig:
     checkpoint: str | None = flag(None, "a model_XXXXX.pt written by train_gpt.py")
     model: str | None = flag(None, "a .pt checkpoint, a local HF GPT-2 folder, or gpt2[-medium|-large|-xl]")
     device: str = flag("auto", "auto = CUDA, else MPS, else CPU", choices=DEVICES)
-    dtype: str = flag("auto", "autocast dtype; auto = bf16 on CUDA that has it, else float32", choices=DTYPES)
+    dtype: str = flag(
+        "auto", "autocast dtype; auto = bf16 where the GPU or CPU has it natively, float16 on older GPUs, else float32",
+        choices=DTYPES,
+    )  # fmt: skip
     batch_size: int = flag(16, "examples (4 rows each) per forward pass", lo=1, hi=4096)
     limit: int | None = flag(None, "score only the first N examples", lo=1, hi=10**7)
     split: str = flag("val", "which HellaSwag file", choices=("val", "train", "test"))
@@ -61,7 +70,14 @@ def evaluate(args: HellaswagConfig) -> tuple[float, float, int]:
     unlabelled = sum(label < 0 for *_, label in rendered)
     if unlabelled:  # the test split's labels are secret: its accuracy means nothing
         print(f"warning: {unlabelled} examples have no label; they count as wrong", file=sys.stderr)
-    model = GPT.from_pretrained(args.checkpoint or args.model)
+    src = args.checkpoint or args.model
+    with quiet_unpickling():  # a foreign pytorch_model.bin: our one line, not torch's warning first
+        model = GPT.from_pretrained(src)
+    if model.config.vocab_size < GPT2_VOCAB:  # HellaSwag's GPT-2 token ids would index past its embedding
+        raise UserError(
+            f"{src}: the model's vocabulary has {model.config.vocab_size} tokens, fewer than the GPT-2 tokenizer's "
+            f"{GPT2_VOCAB} that HellaSwag is scored with; score a model with GPT-2's vocabulary"
+        )
     longest = max(len(ctx) + len(end) for ctx, endings, _ in rendered for end in endings)
     if longest > model.config.block_size:
         raise UserError(

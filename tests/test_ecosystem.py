@@ -14,6 +14,7 @@ sample.py does.
 
 import json
 import math
+import re
 import shutil
 import socket
 from dataclasses import asdict
@@ -26,8 +27,8 @@ import torch.nn.functional as F
 from conftest import TINY, run_script, train_losses, write_shards
 
 import sample
-from fineweb import EOT, get_tokenizer, gpt2_bpe_files
 from plots import read_log
+from tokenizer import EOT, get_tokenizer, gpt2_bpe_files
 from train_gpt import (
     GPT,
     GPT2_VOCAB,
@@ -37,6 +38,7 @@ from train_gpt import (
 )
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+STEP_LOSS_RE = re.compile(r"^step\s+(\d+) \| loss: (\S+) \|", re.M)  # step -> the loss as printed
 HF_SHAPE = dict(n_layer=2, n_head=2, n_embd=32)
 HF_POSITIONS = 64
 TOL = 1e-4  # fp32 max abs logit difference allowed between our GPT and transformers'
@@ -413,16 +415,32 @@ def test_init_from_hf_folder_starts_from_its_weights(hf_model, finetune):
 
 @pytest.mark.slow
 def test_init_from_run_resumes(finetune, tmp_path):
+    """The 2-step --init-from run, resumed to 3 steps, is the uninterrupted 3-step --init-from run: its losses as
+    printed and its final weights and AdamW state, exactly (warmup 1: steps 0 and 1 have the same LR in both)."""
     r, _, _, log_dir, args = finetune
     assert r.returncode == 0, r.stderr
-    resumed = tmp_path / "log"
+    resumed, whole = tmp_path / "log", tmp_path / "whole"
     shutil.copytree(log_dir, resumed)
-    args = [a if a != str(log_dir) else str(resumed) for a in args]
-    r2 = run_script("train_gpt.py", *args, "--max-steps", "3", "--eval-every", "2", "--eval-steps", "2", "--resume")
+    more = ["--max-steps", "3", "--eval-every", "2", "--eval-steps", "2"]
+    r2 = run_script("train_gpt.py", *[a if a != str(log_dir) else str(resumed) for a in args], *more, "--resume")
     assert r2.returncode == 0, r2.stderr
     assert f"resume: restored the run's flags from {resumed / 'model_00002.pt'}: " in r2.stdout
     assert "resuming at step 2" in r2.stdout
     assert sorted(train_losses(r2.stdout)) == [2]
+    ref = run_script("train_gpt.py", *[a if a != str(log_dir) else str(whole) for a in args], *more)
+    assert ref.returncode == 0, ref.stderr
+    printed = [{k: v for k, v in STEP_LOSS_RE.findall(out)} for out in (r.stdout, r2.stdout, ref.stdout)]
+    assert sorted(printed[2]) == ["0", "1", "2"] and len(set(printed[2].values())) == 3
+    assert {**printed[0], **printed[1]} == printed[2]
+    # the val loss after the last step, from the same weights
+    assert (
+        r2.stdout.splitlines()[-1] == ref.stdout.splitlines()[-1] and "validation loss" in ref.stdout.splitlines()[-1]
+    )
+    final, want = (torch.load(d / "model_00003.pt", weights_only=True) for d in (resumed, whole))
+    assert final["model"].keys() == want["model"].keys()
+    assert all(torch.equal(final["model"][k], v) for k, v in want["model"].items())
+    states = [{(n, k): v for n, s in c["optimizer"]["state"].items() for k, v in s.items()} for c in (final, want)]
+    assert states[0].keys() == states[1].keys() and all(torch.equal(states[0][k], v) for k, v in states[1].items())
 
 
 # -----------------------------------------------------------------------------
@@ -482,7 +500,8 @@ def sample_in_process(argv: list[str], capsys) -> str:
 @pytest.mark.slow
 def test_sample_cli_is_reproducible(hf_model, capsys):
     _, path = hf_model
-    args = ["--model", str(path), "--seed", "1", "--max-new-tokens", "10", "--num-samples", "2"]
+    # float32, as expected_sample_stdout: --dtype auto samples in bf16 on a CPU with native bf16
+    args = ["--model", str(path), "--seed", "1", "--max-new-tokens", "10", "--num-samples", "2", "--dtype", "float32"]
     r = run_script("sample.py", *args)
     assert r.returncode == 0, r.stderr
     torch.manual_seed(123)  # the global RNG must play no part: a run in this process prints the same
@@ -496,9 +515,8 @@ def test_sample_cli_is_reproducible(hf_model, capsys):
 
 def test_sample_cli_greedy_samples_are_identical(hf_model, capsys):
     _, path = hf_model
-    out = sample_in_process(
-        ["--model", str(path), "--temperature", "0", "--max-new-tokens", "10", "--num-samples", "3"], capsys
-    )
+    args = ["--model", str(path), "--temperature", "0", "--max-new-tokens", "10", "--num-samples", "3"]
+    out = sample_in_process([*args, "--dtype", "float32"], capsys)  # float32, as expected_sample_stdout
     samples = out.split("--- sample ")[1:]
     assert [s[:2] for s in samples] == ["0\n", "1\n", "2\n"]
     assert samples[0][1:] == samples[1][1:] == samples[2][1:]

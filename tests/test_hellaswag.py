@@ -18,6 +18,7 @@ from conftest import ROOT, SHARED_DATA, TINY, run_script
 import checkpoint
 import hellaswag
 import hellaswag_eval
+import tokenizer
 import train_gpt
 from train_gpt import GPT, GPTConfig, Runtime
 
@@ -69,7 +70,7 @@ def model() -> GPT:
 def real_examples() -> list:
     if not (HELLASWAG_DIR / "hellaswag_val.jsonl").exists():
         pytest.skip("../shared HellaSwag data is absent")
-    enc = train_gpt.get_tokenizer()
+    enc = tokenizer.get_tokenizer()
     return [
         hellaswag_eval.render_hellaswag(ex, enc) for ex in hellaswag_eval.load_hellaswag("val", str(HELLASWAG_DIR), 40)
     ]
@@ -287,7 +288,9 @@ def test_final_line_matches_the_reference_accuracy(model, real_examples, real_re
     ckpt = save_tiny_checkpoint(model, tmp_path / "model_00000.pt")
     acc_norm, acc = accuracies(real_reference[:20], real_examples[:20])
     line = f"hellaswag: acc_norm={acc_norm:.4f} acc={acc:.4f} n=20\n"
-    args = ["--limit", "20", "--data-dir", str(HELLASWAG_DIR), "--device", "cpu", "--batch-size", "6"]
+    # float32, as the reference: --dtype auto would score in bf16 on a CPU with native bf16
+    args = ["--limit", "20", "--data-dir", str(HELLASWAG_DIR), "--batch-size", "6", "--device", "cpu"]
+    args += ["--dtype", "float32"]
     r = run_script("hellaswag.py", "--checkpoint", str(ckpt), *args)
     assert r.returncode == 0, r.stderr
     assert r.stdout == line and FINAL_LINE.fullmatch(r.stdout.strip())
@@ -311,7 +314,7 @@ def test_model_flag_takes_an_hf_folder(model, tmp_path, capsys):
     # the folder holds the 50257 real tokens only: a model of its own, scored by hand
     exported = GPT.from_pretrained(str(folder)).eval()
     assert exported.config.vocab_size == train_gpt.GPT2_VOCAB
-    enc = train_gpt.get_tokenizer()
+    enc = tokenizer.get_tokenizer()
     rendered = [hellaswag_eval.render_hellaswag(ex, enc) for ex in TEXT_EXAMPLES]
     acc_norm, acc = accuracies(hand_preds(exported, rendered), rendered)
     assert capsys.readouterr() == (f"hellaswag: acc_norm={acc_norm:.4f} acc={acc:.4f} n=3\n", "")
@@ -334,7 +337,7 @@ def test_examples_longer_than_the_model_are_one_error_line(tmp_path, capsys):
     hella = write_examples(tmp_path / "hella", TEXT_EXAMPLES)
     longest = max(
         len(ctx) + len(end)
-        for ctx, endings, _ in (hellaswag_eval.render_hellaswag(ex, train_gpt.get_tokenizer()) for ex in TEXT_EXAMPLES)
+        for ctx, endings, _ in (hellaswag_eval.render_hellaswag(ex, tokenizer.get_tokenizer()) for ex in TEXT_EXAMPLES)
         for end in endings
     )
     with pytest.raises(SystemExit) as e:
@@ -383,7 +386,8 @@ def test_train_gpt_hellaswag_every_logs_the_scores_of_its_model(shards, tmp_path
     log = tmp_path / "log"
     args = [*TINY, "--hellaswag-every", "2", "--hellaswag-dir", str(hella), "--data-dir", str(shards)]
     args += ["--log-dir", str(log), "--seq-len", "32", "--batch-size", "2", "--total-batch-size", "64"]
-    r = run_script("train_gpt.py", *args, "--max-steps", "3", "--eval-every", "0", "--device", "cpu", env=NO_NETWORK)
+    args += ["--max-steps", "3", "--eval-every", "0", "--device", "cpu", "--dtype", "float32"]  # as hand_preds
+    r = run_script("train_gpt.py", *args, env=NO_NETWORK)
     assert r.returncode == 0, r.stderr
     lines = [line for line in r.stdout.splitlines() if line.startswith("hellaswag:")]
     assert len(lines) == 3 and all(FINAL_LINE.fullmatch(line) and line.endswith(" n=3") for line in lines)
@@ -394,7 +398,7 @@ def test_train_gpt_hellaswag_every_logs_the_scores_of_its_model(shards, tmp_path
     # the last score is that of the final checkpoint, recomputed by hand
     path = str(log / "model_00003.pt")
     final = train_gpt.model_from_checkpoint(checkpoint.load_checkpoint(path), path).eval()
-    enc = train_gpt.get_tokenizer()
+    enc = tokenizer.get_tokenizer()
     rendered = [hellaswag_eval.render_hellaswag(ex, enc) for ex in TEXT_EXAMPLES]
     acc_norm, acc = accuracies(hand_preds(final, rendered), rendered)
     assert lines[-1] == f"hellaswag: acc_norm={acc_norm:.4f} acc={acc:.4f} n=3"

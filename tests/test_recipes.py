@@ -31,6 +31,7 @@ from test_resume import restored_flags, resumed_from
 
 import checkpoint
 import plots
+import tokenizer
 import train_gpt
 
 TIMEOUT = 180  # per process; generous because the machine is shared, a hang still fails instead of blocking
@@ -412,26 +413,26 @@ def test_dropout_flag_reaches_every_layer(tmp_path):
         assert block.attn.config.dropout == block.mlp.config.dropout == 0.2
 
 
-class FakeEncoder:
-    def encode_ordinary(self, text: str) -> list[int]:
-        return [464, 11, 314, 101, 257]  # below the tiny vocab of 512
-
-    def decode(self, row: list[int]) -> str:
-        return " ".join(map(str, row))
-
-
 def test_samples_during_training_are_drawn_in_eval_mode(capsys):
     """The training loop samples from the model it trains (in training mode): dropout must not apply there,
-    nor draw from the RNG that the training steps use."""
+    nor draw from the RNG that the training steps use. With the real GPT-2 tokenizer (it loads offline) and
+    a model of GPT-2's vocabulary, as in training."""
     rt = train_gpt.Runtime("cpu", torch.float32)
-    model = tiny_model(0.0)
+    enc = tokenizer.get_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = train_gpt.GPT(train_gpt.GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=32))
     model.train()
-    train_gpt.print_samples(model, FakeEncoder(), rt, n=2, max_tokens=12)
+    train_gpt.print_samples(model, enc, rt, n=2, max_tokens=12)
     expected = capsys.readouterr().out
-    assert expected.count("rank 0 sample") == 2
+    prompt = "Hello, I'm a language model,"
+    assert len(enc.encode_ordinary(prompt)) == 8  # and 4 sampled tokens each
+    lines = expected.splitlines()
+    assert len(lines) == 2 and all(line.startswith(f"rank 0 sample {i}: {prompt}") for i, line in enumerate(lines))
+    assert all(len(line) > len(f"rank 0 sample 0: {prompt}") for line in lines)
     model.config.dropout = 0.5
     rng = torch.get_rng_state()
-    train_gpt.print_samples(model, FakeEncoder(), rt, n=2, max_tokens=12)
+    train_gpt.print_samples(model, enc, rt, n=2, max_tokens=12)
     assert capsys.readouterr().out == expected, "samples taken with dropout on"
     assert torch.equal(torch.get_rng_state(), rng), "sampling drew from the training RNG"
     assert model.training, "sampling left the model in eval mode"

@@ -648,5 +648,6 @@ def test_five_nan_steps_in_a_row_stop_the_run_with_the_last_good_checkpoint(ref,
     assert all(torch.isfinite(t).all() for t in c6["model"].values())
     assert all(s["step"] == 3 for s in c6["optimizer"]["state"].values())
     # c4 holds the weights the reference had going into step 3: its step 3 loss, recomputed
-    c4_at_3 = dict(c4, train_loader=dict(c4["train_loader"], position=6))
+    rows_at_3 = 6 * c4["train_loader"]["window_tokens"] // 32  # 6 windows of B=4 rows read before step 3
+    c4_at_3 = dict(c4, train_loader=dict(c4["train_loader"], position=6, rows=rows_at_3))
     assert step_loss(c4_at_3, ref.data) == pytest.approx(float(ref.losses[3]), abs=2e-6)

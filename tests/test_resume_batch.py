@@ -11,7 +11,7 @@ import torch
 from conftest import TINY, run_script, write_shards
 from test_resume import loss_strings, resumed_from
 
-from fineweb import write_shard
+from shards import write_shard
 from train_gpt import DataLoaderLite
 
 T = 8

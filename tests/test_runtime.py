@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import benchmark
+import parallelize
 import train_gpt
 from train_gpt import runtime
 
@@ -82,3 +83,42 @@ def test_runtime_autocast_is_off_in_float32_and_on_otherwise():
 def test_matmul_probe_measures_a_plausible_rate():
     gflops = benchmark.measured_matmul_gflops(torch.float32, seconds=0.05)
     assert 0.1 < gflops < 1e5  # GFLOP/s of a real CPU, neither zero nor a unit mistake
+
+
+def test_fsdp_on_cuda_keeps_bf16_as_the_compute_dtype(monkeypatch, capsys):
+    """Under --fsdp on CUDA, FSDP's mixed precision casts the weights, so autocast is off; but the run still
+    computes in bf16: the start-up line says so, the MFU stream has a peak, and the benchmark reports MFU.
+    (On main before the fix the runtime became float32: `dtype float32`, no mfu, no benchmark MFU.)"""
+    shards = []
+    monkeypatch.setattr(
+        parallelize, "shard_model", lambda model, dtype, device_type, mesh: shards.append((dtype, device_type))
+    )
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 3 * 2**30)
+    tiny = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--seq-len", "16", "--batch-size", "2"]
+    cfg, _ = train_gpt.parse_args([*tiny, "--total-batch-size", "32", "--fsdp", "--benchmark-steps", "1"])
+    real_build = train_gpt.build_model
+
+    def build_on_cpu(cfg, resumed):  # a CUDA model that stays on the CPU
+        model = real_build(cfg, resumed)
+        model.to = lambda *args, **kwargs: model
+        return model
+
+    monkeypatch.setattr(train_gpt, "build_model", build_on_cpu)
+    cuda = train_gpt.Runtime("cuda:0", torch.bfloat16)
+    precision = torch.get_float32_matmul_precision()
+    with torch.random.fork_rng(devices=[]):  # setup_training seeds the global RNG
+        t = train_gpt.setup_training(cfg, train_gpt.World(), cuda, None)
+    torch.set_float32_matmul_precision(precision)  # setup_training sets "high" for the whole process
+    assert shards == [(torch.bfloat16, "cuda")]  # FSDP's param dtype is the compute dtype
+    assert t.rt == train_gpt.Runtime("cuda:0", torch.bfloat16, use_autocast=False)
+    with t.rt.autocast():
+        assert not torch.is_autocast_enabled("cuda") and not torch.is_autocast_enabled("cpu")
+    assert "| device cuda:0 | dtype bfloat16 | world 1 |" in capsys.readouterr().out
+    rate = benchmark.mfu_rate(t.raw_model, cfg.seq_len, t.rt, cfg.peak_tflops)
+    assert rate == benchmark.model_flops_per_token(t.raw_model, 16) / 989e12
+    benchmark.report_benchmark(t.raw_model, cfg, t.rt, [0.5], 12.25)
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("benchmark: 1 steps after 3 warmup | dtype bfloat16 | 64 tok/s | 500.0 ms/step")
+    assert line.endswith("| peak memory 3.00 GiB allocated | " + f"{rate * 64 * 989e3:.1f} GFLOP/s achieved, "
+                         f"MFU {100 * rate * 64:.1f}% of 989 TFLOP/s (H100 bf16 dense) | start-up 12.2 s")  # fmt: skip

@@ -5,7 +5,6 @@ train_gpt.py, every script is safe to import, and the docstring and README name 
 import ast
 import subprocess
 import sys
-from pathlib import Path
 
 from conftest import ROOT
 
@@ -27,7 +26,7 @@ def project_imports(module: str) -> set[str]:
 
 def test_the_expected_modules_are_there():
     assert set(MODULES) == CLIS | {
-        "benchmark", "checkpoint", "cli", "guards", "hellaswag_eval", "hf_gpt2", "parallelize", "plots",
+        "benchmark", "checkpoint", "cli", "guards", "hellaswag_eval", "fused_loss", "hf_gpt2", "parallelize", "plots", "preflight", "shards", "tokenizer",
     }  # fmt: skip
 
 
@@ -68,3 +67,22 @@ def test_docstring_and_readme_name_every_module():
         if m != "train_gpt":
             assert f"{m}.py" in doc, m
         assert f"`{m}.py`" in readme, m
+
+
+def test_every_flags_resume_rule_is_the_readmes():
+    """README's resume table, row by row, against the resume= each TrainConfig field declares."""
+    import re
+
+    from cli import MAY_CHANGE, NOT_RESTORED, RESTORED, flag_name, flags_with_rule
+    from train_gpt import TrainConfig
+
+    readme = (ROOT / "README.md").read_text()
+    rows = {
+        MAY_CHANGE: r"\| restored, and may be given anew[^|]*\| (.*) \|",
+        RESTORED: r"\| restored, and a different value is refused[^|]*\| (.*) \|",
+        NOT_RESTORED: r"\| never restored[^|]*\| (.*) \|",
+    }
+    hidden = {"inject_nan_steps"}  # a testing hook, not in --help
+    for rule, pattern in rows.items():
+        listed = re.findall(r"`(--[a-z0-9-]+)`", re.search(pattern, readme).group(1))
+        assert sorted(listed) == sorted(flag_name(n) for n in flags_with_rule(TrainConfig, rule) - hidden), rule

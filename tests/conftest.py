@@ -143,3 +143,56 @@ class Launch:
         self.p.wait()
         self.p.stdout.close()
         self.err.close()
+
+
+def open_failing_after(nbytes: int, err: int):
+    """A replacement for builtins.open whose files raise OSError(err) once more than nbytes have been written
+    to them: a full disk (ENOSPC) or a file-size limit (EFBIG) in the middle of a write."""
+    import builtins
+
+    real_open = builtins.open
+
+    class FailingFile:
+        def __init__(self, f):
+            self.f, self.n = f, 0
+
+        def write(self, b):
+            self.n += len(b)
+            if self.n > nbytes:
+                raise OSError(err, os.strerror(err))
+            return self.f.write(b)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    return lambda *args, **kwargs: FailingFile(real_open(*args, **kwargs))
+
+
+def save_fake_checkpoint(argv: list[str], step: int, world: int = 1) -> Path:
+    """The checkpoint `train_gpt.py argv` would save at `step` of a run on `world` processes, made in this process
+    in a moment (untrained weights, empty AdamW state): enough for what --resume decides before any training."""
+    import torch
+
+    import checkpoint
+    import train_gpt
+
+    cfg, _ = train_gpt.parse_args(argv)
+    with torch.random.fork_rng(devices=[]):  # the init must not move the global RNG of other tests
+        model = train_gpt.GPT(train_gpt.model_config(cfg))
+    loader = train_gpt.DataLoaderLite(cfg.batch_size, cfg.seq_len, 0, world, "train", cfg.data_dir)
+    state = checkpoint.checkpoint_state(
+        position=checkpoint.RunPosition(step, True),
+        cfg=cfg,
+        model=model,
+        optimizers=model.configure_optimizers(cfg.weight_decay, cfg.max_lr, "cpu"),
+        scaler=torch.amp.GradScaler("cpu", enabled=False),
+        train_loader=loader,
+    )
+    os.makedirs(cfg.log_dir, exist_ok=True)
+    return Path(checkpoint.save_checkpoint(cfg.log_dir, step, state, cfg.keep_last))

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TINY, run_script, write_shards
+from conftest import ROOT, TINY, open_failing_after, run_script, save_fake_checkpoint, write_shards
 
 import checkpoint
 import cli
@@ -87,22 +87,9 @@ def hf_folder(folder: Path, vocab_size: int = 50257) -> Path:
 
 def fake_run(data: Path, log: Path, *flags: str, step: int = 2) -> Path:
     """The checkpoint a run of SMALL + flags would save at `step` (untrained weights), made in a moment."""
-    cfg, _ = train_gpt.parse_args([*SMALL, "--data-dir", str(data), "--log-dir", str(log), *flags])
-    with torch.random.fork_rng(devices=[]):
-        model = GPT(train_gpt.model_config(cfg))
-    optimizers = model.configure_optimizers(cfg.weight_decay, cfg.max_lr, "cpu")
-    loader = train_gpt.DataLoaderLite(cfg.batch_size, cfg.seq_len, 0, 1, "train", cfg.data_dir)
-    state = checkpoint.checkpoint_state(
-        position=checkpoint.RunPosition(step, True),
-        cfg=cfg,
-        model=model,
-        optimizers=optimizers,
-        scaler=torch.amp.GradScaler("cpu", enabled=False),
-        train_loader=loader,
-    )
-    log.mkdir(exist_ok=True)
+    path = save_fake_checkpoint([*SMALL, "--data-dir", str(data), "--log-dir", str(log), *flags], step)
     (log / "log.txt").write_text("0 val 10.9\n0 train 10.95\n1 train 10.5\n")
-    return Path(checkpoint.save_checkpoint(str(log), step, state, 0))
+    return path
 
 
 def broken_package(tmp_path: Path, monkeypatch, name: str, error: str) -> None:
@@ -241,27 +228,7 @@ def test_os_error_text_keeps_the_cause_unmangled(error, text, tmp_path, capsys):
 
 
 def test_a_file_size_limit_while_torch_saves_names_the_cause_and_the_path(tmp_path, monkeypatch):
-    class LimitedFile:
-        def __init__(self, f):
-            self.f, self.n = f, 0
-
-        def write(self, b):
-            self.n += len(b)
-            if self.n > 2000:
-                raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
-            return self.f.write(b)
-
-        def __getattr__(self, name):
-            return getattr(self.f, name)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.f.close()
-
-    real_open = open
-    monkeypatch.setattr("builtins.open", lambda *a, **k: LimitedFile(real_open(*a, **k)))
+    monkeypatch.setattr("builtins.open", open_failing_after(2000, errno.EFBIG))
     path = checkpoint.checkpoint_path(str(tmp_path), 4)
     with pytest.raises(UserError) as e:
         checkpoint.save_checkpoint(str(tmp_path), 4, {"w": torch.zeros(10000)}, keep_last=0)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY, descendants, run_script, write_shards
+from conftest import ROOT, TINY, descendants, open_failing_after, run_script, write_shards
 
 import checkpoint
 import fineweb
@@ -395,28 +395,7 @@ def test_no_space_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, mo
 
 def test_torch_save_failing_mid_write_is_reported_as_its_os_error(tmp_path, monkeypatch):
     """torch.save turns a failed write into a RuntimeError of its own; the cause must still be named."""
-    real_open = open
-
-    class FullFile:
-        def __init__(self, f):
-            self.f, self.n = f, 0
-
-        def write(self, b):
-            self.n += len(b)
-            if self.n > 2000:
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            return self.f.write(b)
-
-        def __getattr__(self, name):
-            return getattr(self.f, name)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.f.close()
-
-    monkeypatch.setattr("builtins.open", lambda *a, **k: FullFile(real_open(*a, **k)))
+    monkeypatch.setattr("builtins.open", open_failing_after(2000, errno.ENOSPC))
     path = checkpoint.checkpoint_path(str(tmp_path), 4)
     with pytest.raises(fineweb.UserError) as e:
         checkpoint.save_checkpoint(str(tmp_path), 4, {"w": torch.zeros(10000)}, keep_last=0)

@@ -40,11 +40,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TINY, Launch, descendants, run_script, write_shards
+from conftest import ROOT, TINY, Launch, descendants, run_script, save_fake_checkpoint, write_shards
 from test_data import too_large_message
 from test_resume import STOPPED_RE, loss_strings, read_log, resumed_from, step_loss
 
-import checkpoint
 import train_gpt
 from shards import write_shard
 
@@ -455,22 +454,7 @@ def fake_fsdp_run(data: Path, log: Path, step: int = 12) -> Path:
     """The checkpoint a 2-rank --fsdp run of these flags saves at its last step, made in this process."""
     argv = [*TINY, "--device", "cpu", "--dtype", "float32", "--batch-size", "4", "--seq-len", "32"]
     argv += ["--total-batch-size", "256", "--max-steps", str(step), "--fsdp", "--data-dir", str(data)]
-    cfg, _ = train_gpt.parse_args([*argv, "--log-dir", str(log)])
-    with torch.random.fork_rng(devices=[]):
-        model = train_gpt.GPT(train_gpt.model_config(cfg))
-    optimizers = model.configure_optimizers(cfg.weight_decay, cfg.max_lr, "cpu")
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    loader = train_gpt.DataLoaderLite(cfg.batch_size, cfg.seq_len, 0, 2, "train", cfg.data_dir)
-    state = checkpoint.checkpoint_state(
-        position=checkpoint.RunPosition(step, True),
-        cfg=cfg,
-        model=model,
-        optimizers=optimizers,
-        scaler=scaler,
-        train_loader=loader,
-    )
-    log.mkdir()
-    return Path(checkpoint.save_checkpoint(str(log), step, state, cfg.keep_last))
+    return save_fake_checkpoint([*argv, "--log-dir", str(log)], step, world=2)
 
 
 def test_fsdp_run_resumes_in_one_process_with_resume_alone(shards, tmp_path, monkeypatch, capsys):

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, Launch, run_script, train_losses, write_shards
+from conftest import TINY, Launch, run_script, save_fake_checkpoint, train_losses, write_shards
 
 import checkpoint
 import train_gpt
@@ -475,24 +475,8 @@ def test_kill9_during_checkpoint_writes_always_leaves_a_resumable_run(ref, tmp_p
 
 
 def fake_run(data: Path, log: Path, *extra: str, step: int = 12) -> Path:
-    """The checkpoint the training loop would save at `step` of cli(data, log, *extra), made in this process
-    in a moment (untrained weights, empty AdamW state): enough for what --resume decides before any training."""
-    cfg, _ = train_gpt.parse_args(cli(data, log, *extra)[1:])
-    with torch.random.fork_rng(devices=[]):  # the init must not move the global RNG of other tests
-        model = train_gpt.GPT(train_gpt.model_config(cfg))
-    optimizers = model.configure_optimizers(cfg.weight_decay, cfg.max_lr, "cpu")
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    loader = train_gpt.DataLoaderLite(cfg.batch_size, cfg.seq_len, 0, 1, "train", cfg.data_dir)
-    state = checkpoint.checkpoint_state(
-        position=checkpoint.RunPosition(step, True),
-        cfg=cfg,
-        model=model,
-        optimizers=optimizers,
-        scaler=scaler,
-        train_loader=loader,
-    )
-    log.mkdir(exist_ok=True)
-    return Path(checkpoint.save_checkpoint(str(log), step, state, cfg.keep_last))
+    """The checkpoint the training loop would save at `step` of cli(data, log, *extra), made in a moment."""
+    return save_fake_checkpoint(cli(data, log, *extra)[1:], step)
 
 
 def run_in_process(argv: list[str], capsys) -> str:

@@ -36,7 +36,7 @@ import torch
 
 from checkpoint import quiet_unpickling
 from cli import UserError, cli, flag, parse_config
-from hellaswag_eval import load_hellaswag, render_hellaswag, score_hellaswag
+from hellaswag_eval import rendered_examples, score_hellaswag
 from tokenizer import get_tokenizer
 from train_gpt import DEVICES, DTYPES, GPT, GPT2_VOCAB, check_model_source, runtime
 
@@ -64,9 +64,7 @@ def evaluate(args: HellaswagConfig) -> tuple[float, float, int]:
     check_model_source(args.checkpoint or args.model)
     rt = runtime(args.device, args.dtype)
     # the data first: a missing file should not cost a model load to find out
-    examples = load_hellaswag(args.split, args.data_dir, args.limit)
-    enc = get_tokenizer()
-    rendered = [render_hellaswag(ex, enc) for ex in examples]
+    rendered = rendered_examples(args.split, args.data_dir, get_tokenizer(), args.limit)
     unlabelled = sum(label < 0 for *_, label in rendered)
     if unlabelled:  # the test split's labels are secret: its accuracy means nothing
         print(f"warning: {unlabelled} examples have no label; they count as wrong", file=sys.stderr)

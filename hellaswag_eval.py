@@ -93,9 +93,9 @@ def render_hellaswag(example: dict, enc: Any) -> Rendered:
     return ctx, endings, int(example.get("label", -1))
 
 
-def rendered_examples(split: str, data_dir: str | None, enc: Any) -> list[Rendered]:
-    """Every example of a split, checked and rendered: what evaluate_hellaswag scores."""
-    return [render_hellaswag(ex, enc) for ex in load_hellaswag(split, data_dir)]
+def rendered_examples(split: str, data_dir: str | None, enc: Any, limit: int | None = None) -> list[Rendered]:
+    """The examples of a split (the first `limit`), checked and rendered: what score_hellaswag scores."""
+    return [render_hellaswag(ex, enc) for ex in load_hellaswag(split, data_dir, limit)]
 
 
 @torch.no_grad()

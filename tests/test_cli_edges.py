@@ -443,6 +443,8 @@ def test_plot_notes_the_lines_it_skips(tmp_path, capsys):
         (train_gpt.main, ["--benchmark-warmup", "2"], "--benchmark-warmup only means something with --benchmark-steps N, and this run has --benchmark-steps 0; drop --benchmark-warmup, or pass --benchmark-steps N"),
         (train_gpt.main, ["--hellaswag-dir", "hs"], "--hellaswag-dir only means something with --hellaswag-every N, and this run has --hellaswag-every 0; drop --hellaswag-dir, or pass --hellaswag-every N"),
         (train_gpt.main, ["--save-every", "0", "--keep-last", "2"], "--keep-last only means something with --save-every N, and this run has --save-every 0; drop --keep-last, or pass --save-every N"),
+        (train_gpt.main, ["--benchmark-steps", "2", "--data-dir", "d", "--eval-every", "0", "--log-dir", "l"], "--benchmark-steps times synthetic batches and writes nothing: --data-dir, --log-dir would do nothing; drop them"),
+        (train_gpt.main, ["--benchmark-steps", "2", "--save-every", "5"], "--benchmark-steps times synthetic batches and writes nothing: --save-every would do nothing; drop it"),
         (train_gpt.main, ["--plot", "log.txt", "--max-steps", "5", "--resume"], "--plot draws curves.png from a log and exits: --max-steps, --resume would do nothing; drop them"),
         (sample.main, ["--model", "m.pt", "--export-hf", "out", "--temperature", "0.5"], "--export-hf writes the model and exits, without sampling: --temperature would do nothing; drop it"),
         (sample.main, ["--model", "m.pt", "--temperature", "0", "--top-k", "5", "--top-p", "0.9"], "--temperature 0 samples greedily (the most likely token): --top-k, --top-p would do nothing; drop them, or use a temperature above 0"),
@@ -584,3 +586,46 @@ def test_a_restored_flag_this_machine_cannot_honour_names_the_override(
     assert started == []
     code, _, err = exits(train_gpt.main, [*argv, *override], capsys)  # the override named works on --resume
     assert code is None and "error" not in err and len(started) == 1
+
+
+@pytest.mark.parametrize("script", ["train_gpt", "hellaswag"])
+def test_offline_hellaswag_error_names_the_scripts_own_folder_flag(script, tmp_path, monkeypatch, capsys):
+    """No network and no hellaswag_val.jsonl: the line offers the flag of the script that was run
+    (train_gpt.py --hellaswag-dir, hellaswag.py --data-dir), never the other one's."""
+
+    def offline(url, timeout=None):
+        raise OSError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(hellaswag_eval.urllib.request, "urlopen", offline)
+    folder = tmp_path / "hs"
+    if script == "train_gpt":
+        data = tmp_path / "data"
+        write_shards(data)
+        main, flag = train_gpt.main, "--hellaswag-dir"
+        argv = [*TINY[:6], "--hellaswag-every", "1", flag, str(folder), "--data-dir", str(data)]
+        argv += ["--log-dir", str(tmp_path / "log")]
+    else:
+        main, flag = hellaswag.main, "--data-dir"
+        (tmp_path / "m.pt").write_bytes(b"")  # the data is looked for before the model is read
+        argv = ["--model", str(tmp_path / "m.pt"), flag, str(folder)]
+    line = one_line_error(main, argv, capsys)
+    path = folder / "hellaswag_val.jsonl"
+    assert line == (
+        f"HellaSwag val data: {path} is missing and {hellaswag_eval.HELLASWAG_URL.format(split='val')} cannot be "
+        f"downloaded ([Errno -2] Name or service not known); copy hellaswag_val.jsonl there or point {flag} at a "
+        "folder holding it"
+    )
+    assert not (tmp_path / "log").exists() and not folder.exists()
+
+
+def test_a_checkpoint_whose_config_is_not_a_gpt_config_is_one_line(tiny_pt, capsys):
+    """A .pt whose config has a key GPTConfig does not take (here a typo of n_layer): one line naming the
+    file and the config (before the fix: a TypeError traceback, the message itself indexing the wrong name)."""
+    saved = torch.load(tiny_pt, weights_only=True)
+    config = {**saved["config"], "n_layers": 2}
+    torch.save({**saved, "config": config}, tiny_pt)
+    expected = (
+        f"{tiny_pt}: its config {config!r} is not a GPT config "
+        "(GPTConfig.__init__() got an unexpected keyword argument 'n_layers')"
+    )
+    assert one_line_error(sample.main, ["--model", str(tiny_pt), "--device", "cpu"], capsys) == expected

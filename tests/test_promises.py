@@ -72,7 +72,7 @@ def test_float16_gradscaler_skips_an_overflowing_step_and_halves_the_scale(shard
             # a good step at the initial scale: an AdamW update, the scale kept, one good step counted towards growth
             before, _ = snapshot(t)
             r = step(0)
-            assert r.applied and math.isfinite(r.loss) and math.isfinite(r.norm)
+            assert r.applied and math.isfinite(r.loss) and math.isfinite(r.norm) and r.loss_scale_lowered_to is None
             assert all(not torch.equal(before[n], p) for n, p in t.raw_model.named_parameters())
             assert t.scaler.state_dict() == {**SCALER_DEFAULTS, "_growth_tracker": 1}
 
@@ -89,6 +89,12 @@ def test_float16_gradscaler_skips_an_overflowing_step_and_halves_the_scale(shard
             assert all(torch.equal(v, adam_after[k]) for k, v in adam.items()), "an overflow moved AdamW's state"
             assert {int(s["step"]) for s in t.optimizers[0].state.values()} == {1}
             assert t.scaler.state_dict() == {**SCALER_DEFAULTS, "scale": 2.0**39, "_growth_tracker": 0}
+            assert r.loss_scale_lowered_to == 2.0**39
+            # the step line says why its norm is nan, and does not call it a fault (the guard counts none)
+            train_gpt.RunLog(printing=True).train(1, r, 1e-3, 1.0, 256, 0)
+            assert "| skipped by the fp16 loss scaler: gradients overflowed, loss scale now 5.49756e+11" in (
+                capsys.readouterr().out
+            )
     finally:
         torch.set_float32_matmul_precision(precision)
 

@@ -2,8 +2,14 @@
 (their capability monkeypatched), CPUs with and without native bf16 matrix instructions, and the
 matmul probe that benchmark mode measures a CPU's peak with."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+from conftest import ROOT
 
 import benchmark
 import parallelize
@@ -81,7 +87,7 @@ def test_runtime_autocast_is_off_in_float32_and_on_otherwise():
 
 
 def test_matmul_probe_measures_a_plausible_rate():
-    gflops = benchmark.measured_matmul_gflops(torch.float32, seconds=0.05)
+    gflops = benchmark.measured_matmul_gflops(torch.float32, n=256, reps=3)
     assert 0.1 < gflops < 1e5  # GFLOP/s of a real CPU, neither zero nor a unit mistake
 
 
@@ -122,3 +128,50 @@ def test_fsdp_on_cuda_keeps_bf16_as_the_compute_dtype(monkeypatch, capsys):
     assert line.startswith("benchmark: 1 steps after 3 warmup | dtype bfloat16 | 64 tok/s | 500.0 ms/step")
     assert line.endswith("| peak memory 3.00 GiB allocated | " + f"{rate * 64 * 989e3:.1f} GFLOP/s achieved, "
                          f"MFU {100 * rate * 64:.1f}% of 989 TFLOP/s (H100 bf16 dense) | start-up 12.2 s")  # fmt: skip
+
+
+THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+def huge_kib_of_a_fresh_tensor(before: str) -> int:
+    """In a fresh process: run `before`, then allocate and touch a 64 MiB float32 tensor and return the
+    process's AnonHugePages (KiB) while it is alive, read from /proc/self/smaps_rollup."""
+    code = (
+        f"import sys; sys.path.insert(0, {str(ROOT)!r})\n{before}\nimport torch\n"
+        "t = torch.ones(16 * 2**20)\n"
+        "rollup = open('/proc/self/smaps_rollup').read()\n"
+        "print(next(int(l.split()[1]) for l in rollup.splitlines() if l.startswith('AnonHugePages:')))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    return int(out.stdout.split()[-1])
+
+
+@pytest.mark.skipif(
+    not THP_MODE.exists() or "[madvise]" not in THP_MODE.read_text(),
+    reason="needs Linux transparent huge pages in madvise mode (the usual default), where only asking helps",
+)
+def test_large_cpu_tensors_get_huge_pages_when_train_gpt_asks_first():
+    """train_gpt.main() asks for huge pages before anything is allocated, and importing train_gpt (with
+    everything it imports) allocates nothing first, or torch would have read the setting already."""
+    plain = huge_kib_of_a_fresh_tensor("import train_gpt")
+    asked = huge_kib_of_a_fresh_tensor("import train_gpt, benchmark\nbenchmark.use_huge_pages_for_large_cpu_tensors()")
+    assert plain < 4096  # in madvise mode nothing asked for huge pages
+    assert asked >= 32 * 1024  # most of the 64 MiB tensor sits on 2 MiB pages
+
+
+def test_train_gpt_main_asks_for_huge_pages_before_its_first_tensor(monkeypatch):
+    """main() sets THP_MEM_ALLOC_ENABLE before it parses a flag (a user's own value is kept)."""
+    seen = []
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    monkeypatch.setattr(
+        train_gpt, "parse_args", lambda argv: seen.append(os.environ.get("THP_MEM_ALLOC_ENABLE")) or sys.exit(0)
+    )
+    with pytest.raises(SystemExit):
+        train_gpt.main([])
+    assert seen == ["1"]
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "0")
+    seen.clear()
+    with pytest.raises(SystemExit):
+        train_gpt.main([])
+    assert seen == ["0"]

@@ -26,7 +26,7 @@ def project_imports(module: str) -> set[str]:
 
 def test_the_expected_modules_are_there():
     assert set(MODULES) == CLIS | {
-        "benchmark", "checkpoint", "cli", "guards", "hellaswag_eval", "fused_loss", "hf_gpt2", "parallelize", "plots", "preflight", "shards", "tokenizer",
+        "benchmark", "checkpoint", "cli", "guards", "hellaswag_eval", "fused_loss", "hf_gpt2", "parallelize", "plots", "preflight", "sampling", "shards", "tokenizer",
     }  # fmt: skip
 
 

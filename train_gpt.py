@@ -1087,8 +1087,9 @@ def train_step(
     t.scaler.update()
     if rt.device_type == "cuda":
         torch.cuda.synchronize()
-    lowered = scale is not None and t.scaler.get_scale() < scale  # the scaler's own skip: calibration, not a fault
-    return StepResult(loss_value, norm_value, applied, stop_votes > 0, t.scaler.get_scale() if lowered else None)
+    scale_now = t.scaler.get_scale() if scale is not None else None  # one read: a host sync on CUDA
+    lowered = scale_now is not None and scale_now < scale  # the scaler's own skip: calibration, not a fault
+    return StepResult(loss_value, norm_value, applied, stop_votes > 0, scale_now if lowered else None)
 
 
 def due(step: int, every: int, last: bool) -> bool:
